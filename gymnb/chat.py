@@ -10,10 +10,14 @@ Request (OpenAI chat completions plus the on-policy extras)::
      "tools": [{"type": "function", "function": {"name": "add", "parameters": {...}}}],
      "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": 0, "n": 1, "max_tokens": 64, "stop": ["\\n\\n"],
      "logprobs": false, "top_logprobs": 0, "required_prefix_token_ids": null, "chat_template_kwargs": {},
-     "ignore_eos": false}
+     "ignore_eos": false, "return_tokens_as_token_ids": false, "return_token_ids": false}
 
 Each `choices[i].message` of the response carries `prompt_token_ids`, `generation_token_ids` and
-`generation_log_probs` next to `content` and `tool_calls`. Tools may come in the chat shape above or in the
+`generation_log_probs` next to `content` and `tool_calls`. vLLM's two ways of returning ids are served too
+(gymnb.wire describes all three): `return_tokens_as_token_ids` writes every `logprobs.content[t].token` (and
+each top alternative) as `"token_id:<N>"`, which real NeMo Gym's vllm_model parses; `return_token_ids` adds a
+top-level `prompt_token_ids` and `choices[i].token_ids`. OpenAI fields that do not change sampling
+(`metadata`, `parallel_tool_calls`, a tool's `strict`, `user`, ...) are accepted and ignored. Tools may come in the chat shape above or in the
 flat Responses shape `{"type": "function", "name": ..., "parameters": ...}`; both render the same.
 The model calls tools as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes/Qwen style).
 `tool_choice` is accepted but not enforced by constrained decoding ("none" turns off tool-call parsing).
@@ -31,7 +35,7 @@ import uuid
 
 from gymnb.engine import Completion, SamplingParams
 from gymnb.errors import RequestError
-from gymnb.splice import TOKEN_FIELDS
+from gymnb.wire import TOKEN_FIELDS, TOKEN_ID_PREFIX
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 128
@@ -50,6 +54,8 @@ class ChatRequest:
     sampling: SamplingParams
     parse_tools: bool
     logprobs: bool
+    tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprobs tokens as "token_id:<N>"
+    return_token_ids: bool = False  # vLLM's top-level prompt_token_ids and choices[i].token_ids
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -101,13 +107,22 @@ def parse_chat_request(body, *, model_id: str) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise RequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
-    logprobs = body.get("logprobs") or False
-    if not isinstance(logprobs, bool):
-        raise RequestError("logprobs must be a boolean", param="logprobs")
+    logprobs, tokens_as_ids, return_token_ids = (
+        read_bool(body, name) for name in ("logprobs", "return_tokens_as_token_ids", "return_token_ids"))
     sampling = parse_sampling(body, logprobs)
     return ChatRequest(messages=messages, tools=tools, chat_template_kwargs=kwargs,
                        required_prefix_token_ids=body.get("required_prefix_token_ids"), sampling=sampling,
-                       parse_tools=bool(tools) and tool_choice != "none", logprobs=logprobs)
+                       parse_tools=bool(tools) and tool_choice != "none", logprobs=logprobs,
+                       tokens_as_ids=tokens_as_ids, return_token_ids=return_token_ids)
+
+
+def read_bool(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
+    return value
 
 
 def require_object(body) -> dict:
@@ -279,12 +294,17 @@ def build_chat_response(request: ChatRequest, model_id: str, prompt_ids: list[in
     """The chat.completion object, with the three token fields on every choice's message."""
     choices = [build_choice(i, request, prompt_ids, c, tokenizer) for i, c in enumerate(completions)]
     completion_tokens = sum(len(c.token_ids) for c in completions)
-    return {
+    response = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model_id, "choices": choices,
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                   "total_tokens": len(prompt_ids) + completion_tokens},
     }
+    if request.return_token_ids:
+        response["prompt_token_ids"] = list(prompt_ids)
+        for choice, completion in zip(choices, completions):
+            choice["token_ids"] = list(completion.token_ids)
+    return response
 
 
 def build_choice(index: int, request: ChatRequest, prompt_ids: list[int], completion: Completion,
@@ -300,16 +320,21 @@ def build_choice(index: int, request: ChatRequest, prompt_ids: list[int], comple
         message["tool_calls"] = tool_calls
     message.update(prompt_token_ids=list(prompt_ids), generation_token_ids=completion.token_ids,
                    generation_log_probs=completion.log_probs)
-    logprobs = build_logprobs(completion, tokenizer) if request.logprobs else None
+    logprobs = build_logprobs(completion, tokenizer, request.tokens_as_ids) if request.logprobs else None
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def build_logprobs(completion: Completion, tokenizer) -> dict:
-    """OpenAI's `choices[i].logprobs` shape: one entry per generated token, with top alternatives."""
+def build_logprobs(completion: Completion, tokenizer, tokens_as_ids: bool = False) -> dict:
+    """OpenAI's `choices[i].logprobs` shape: one entry per generated token, with top alternatives.
+
+    `tokens_as_ids` (vLLM's return_tokens_as_token_ids) names each token `"token_id:<N>"`: a token's text is
+    ambiguous (many ids decode to the same string, or to nothing printable), its id is not.
+    """
 
     def entry(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        token = f"{TOKEN_ID_PREFIX}{token_id}" if tokens_as_ids else text
+        return {"token": token, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     content = []
     for t, (token_id, logprob) in enumerate(zip(completion.token_ids, completion.log_probs)):

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from gymnb.divergence import KIND_LABELS, Divergence, find_divergence
 from gymnb.errors import ContinuityError, GymnbError
-
-TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+from gymnb.wire import WireError, message_bundle
 
 
 @dataclasses.dataclass
@@ -72,20 +71,14 @@ def extract_trainable_turns(rollout: dict | list) -> list[dict]:
     """
     turns = []
     for index, item in enumerate(output_items(rollout)):
-        present = [name for name in TOKEN_FIELDS if item.get(name) is not None]
-        if not present:
-            continue
-        kind = item.get("type", "?")
-        if len(present) != len(TOKEN_FIELDS):
-            missing = [name for name in TOKEN_FIELDS if name not in present]
-            raise ContinuityError(f"output item {index} ({kind}) carries {present} but not {missing}: "
-                                  "a model call carries all three token fields or none")
-        gen, log_probs = item["generation_token_ids"], item["generation_log_probs"]
-        if len(gen) != len(log_probs):
-            raise ContinuityError(f"output item {index} ({kind}): {len(gen)} generation_token_ids but "
-                                  f"{len(log_probs)} generation_log_probs")
-        turns.append({"prompt_token_ids": list(item["prompt_token_ids"]), "generation_token_ids": list(gen),
-                      "generation_log_probs": list(log_probs), "output_index": index})
+        if not isinstance(item, dict):
+            raise ContinuityError(f"output item {index} is a {type(item).__name__}, not an object")
+        try:
+            ids = message_bundle(item, f"output item {index} ({item.get('type', '?')})")
+        except WireError as exc:
+            raise ContinuityError(str(exc)) from None
+        if ids is not None:
+            turns.append({**ids.as_fields(), "output_index": index})
     return turns
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from gymnb.errors import ConfigError, EnvironmentServerError
 from gymnb.rollout_metrics import compute_metrics
+from gymnb.wire import WireError, parse_head_config
 
 TASK_KEY, ROLLOUT_KEY = "_ng_task_index", "_ng_rollout_index"
 DEFAULT_TIMEOUT = 600.0  # seconds per /run attempt: a multi-step rollout on a CPU model can take minutes
@@ -56,8 +57,10 @@ def expand_rows(rows: list[dict], num_repeats: int = 1, overrides: dict | None =
                 seed: int | None = None) -> list[dict]:
     """aabbcc copies with task and rollout indices; overrides merged into responses_create_params.
 
-    A seed gives each rollout `seed + task * num_repeats + rollout` (stable across resumes), sent as
-    `responses_create_params.metadata.seed` because NeMo Gym forbids unknown keys in responses_create_params.
+    A seed gives each rollout `seed + task * num_repeats + rollout` (stable across resumes), sent as `seed` in
+    the JSON object `responses_create_params.metadata.extra_body`: NeMo Gym forbids unknown keys in
+    responses_create_params, and its vllm_model merges `metadata.extra_body` into the chat request, so the seed
+    reaches the policy server's sampler (vLLM's and gymnb's both read a top-level `seed`).
     """
     if num_repeats < 1:
         raise ConfigError(f"num_repeats must be >= 1, got {num_repeats}")
@@ -68,10 +71,22 @@ def expand_rows(rows: list[dict], num_repeats: int = 1, overrides: dict | None =
         for repeat in range(num_repeats):
             params = {**row["responses_create_params"], **(overrides or {})}
             if seed is not None:
-                rollout_seed = str(seed + task * num_repeats + repeat)
-                params["metadata"] = {**(params.get("metadata") or {}), "seed": rollout_seed}
+                params["metadata"] = with_extra_body(params.get("metadata"), seed=seed + task * num_repeats + repeat)
             expanded.append({**row, "responses_create_params": params, TASK_KEY: task, ROLLOUT_KEY: repeat})
     return expanded
+
+
+def with_extra_body(metadata: dict | None, **fields) -> dict:
+    """`metadata` with `fields` merged into its `extra_body` JSON string (OpenAI metadata values are strings)."""
+    metadata = dict(metadata or {})
+    try:
+        extra = json.loads(metadata.get("extra_body") or "{}")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"responses_create_params.metadata.extra_body is not valid JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise ConfigError("responses_create_params.metadata.extra_body must hold a JSON object")
+    metadata["extra_body"] = json.dumps({**extra, **fields})
+    return metadata
 
 
 def agent_urls(config: dict, head_url: str) -> dict[str, str]:
@@ -100,23 +115,30 @@ async def fetch_agent_urls(http: aiohttp.ClientSession, head_url: str) -> dict[s
                                      "Fix: start one with "
                                      "`gymnb gym up --env NAME --policy-base-url URL`, or omit --gym to run the "
                                      "embedded stack.") from None
-    config = yaml.safe_load(text) if isinstance(text, str) else text
-    urls = agent_urls(config or {}, head_url)
+    try:
+        config = parse_head_config(text)
+    except WireError as exc:
+        raise EnvironmentServerError(f"{url}: {exc}") from None
+    urls = agent_urls(config, head_url)
     if not urls:
         raise EnvironmentServerError(f"the head server at {head_url} lists no responses_api_agents instance")
     return urls
 
 
-def route_rows(rows: list[dict], urls: dict[str, str]) -> list[str]:
-    """The agent url of each row (its agent_ref.name; the only agent when a row names none)."""
+def route_rows(rows: list[dict], urls: dict[str, str], default_agent: str | None = None) -> list[str]:
+    """The agent url of each row: its agent_ref.name; else `default_agent` (ng_collect_rollouts' +agent_name:
+    NeMo Gym's own example rows name no agent); else the only agent of the head."""
     routed = []
     for row in rows:
-        name = (row.get("agent_ref") or {}).get("name")
-        if name is None and len(urls) == 1:
+        name = (row.get("agent_ref") or {}).get("name") or default_agent
+        if name is None:
+            if len(urls) != 1:
+                raise ConfigError(f"row {row.get(TASK_KEY)} names no agent (no agent_ref) and the head server has "
+                                  f"{sorted(urls)}: pass --agent NAME (or --env ENV for its simple agent)")
             name = next(iter(urls))
         if name not in urls:
             raise ConfigError(f"row {row.get(TASK_KEY)} asks for agent {name!r}, but the head server has "
-                              f"{sorted(urls)}: start that environment or fix the rows' agent_ref.name")
+                              f"{sorted(urls)}: start that environment, fix the rows' agent_ref.name or --agent")
         routed.append(urls[name])
     return routed
 
@@ -239,8 +261,10 @@ async def collect_rollouts(rows: list[dict], *, head_url: str, num_repeats: int 
                            failures_path: str | Path | None = None, metrics_path: str | Path | None = None,
                            resume: bool = False, timeout: float = DEFAULT_TIMEOUT, max_retries: int = 3,
                            backoff: float = 0.5, seed: int | None = None, progress: bool = True,
-                           threshold: float = 1.0) -> RolloutRun:
+                           threshold: float = 1.0, agent: str | None = None) -> RolloutRun:
     """Run every row `num_repeats` times through its agent; see the module docstring.
+
+    `agent` names the agent instance for rows without an `agent_ref` (ng_collect_rollouts' `+agent_name`).
 
     `out_path` is replaced unless `resume`. Files default next to it: `<stem>.failures.jsonl` (rewritten each
     run: a resume retries failures) and `<stem>.metrics.json`. Without `out_path` nothing is written.
@@ -258,7 +282,7 @@ async def collect_rollouts(rows: list[dict], *, head_url: str, num_repeats: int 
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=0)  # our workers bound the concurrency
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
-        queue = list(zip(todo, route_rows(todo, await fetch_agent_urls(http, head_url)) if todo else []))
+        queue = list(zip(todo, route_rows(todo, await fetch_agent_urls(http, head_url), agent) if todo else []))
         queue.reverse()  # pop() from the end keeps aabbcc order
         sink = RolloutSink(done, len(expanded), out, failures_file, append=resume, progress=progress)
 
@@ -335,6 +359,8 @@ def build_parser():
     p.add_argument("--concurrency", type=int, default=8, help="rollouts in flight")
     p.add_argument("--out", required=True, help="results JSONL, appended as rollouts finish")
     p.add_argument("--gym", metavar="HEAD_URL", help="head server of a running stack (gymnb gym up or NeMo Gym)")
+    p.add_argument("--agent", help="agent instance for rows without agent_ref (default: --env's simple agent, "
+                                   "e.g. math_with_judge_simple_agent), as ng_collect_rollouts' +agent_name")
     p.add_argument("--model", default="smollm2-135m", help="embedded stack: model preset or local HF dir")
     p.add_argument("--resume", action="store_true", help="keep --out's finished rollouts and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -382,7 +408,8 @@ def main(argv: list[str]) -> int:
     options = {"num_repeats": args.num_repeats, "concurrency": args.concurrency,
                "overrides": request_overrides, "out_path": out, "failures_path": args.failures,
                "metrics_path": args.metrics, "resume": args.resume, "timeout": args.timeout,
-               "max_retries": args.max_retries, "seed": args.seed, "progress": not args.no_progress}
+               "max_retries": args.max_retries, "seed": args.seed, "progress": not args.no_progress,
+               "agent": args.agent or env_agent(args.env)}
     with contextlib.ExitStack() as stack:
         head_url = args.gym or start_embedded_stack(stack, args.env, args.model, gym_overrides)
         run = collect_rollouts_sync(rows, head_url=head_url, **options)
@@ -391,6 +418,13 @@ def main(argv: list[str]) -> int:
     if run.failures:
         print(f"failures: {len(run.failures)} (see {args.failures or out.with_suffix('.failures.jsonl')})")
     return 1 if run.failures and not run.results else 0
+
+
+def env_agent(env: str | None) -> str | None:
+    """The simple agent instance NeMo Gym's configs (and gymnb's) name for an environment."""
+    from gymnb.gym.data import ENV_AGENTS
+
+    return ENV_AGENTS.get(env) if env else None
 
 
 def start_embedded_stack(stack, env: str, model: str, gym_overrides: list[str]) -> str:

@@ -49,6 +49,7 @@ from gymnb.errors import EnvironmentServerError, RequestError, ServerError
 from gymnb.gym.common import ServerLoop
 from gymnb.models import LoadedModel, list_presets, load_model
 from gymnb.splice import build_prompt_ids, check_token_ids, render_ids
+from gymnb.wire import TOKEN_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ LOAD_OPTIONS = ("dtype", "device", "threads", "chat_template", "max_model_len")
 ENGINE_KEY = web.AppKey("engine", GenerationEngine)
 MODEL_ID_KEY = web.AppKey("model_id", str)
 SPLICE_KEY = web.AppKey("splice", bool)
+FAULT_KEY = web.AppKey("fault", str)
+# Deliberate faults, for showing that the validation suite (and real NeMo Gym) catch them; never for training.
+#   no-splice        re-tokenize the history instead of splicing the ids the model generated (off-policy turns)
+#   token-text       ignore return_tokens_as_token_ids: logprobs tokens as text, as plain OpenAI servers do
+#   no-token-fields  a plain chat server: no token fields, no vLLM token ids, no logprobs
+FAULTS = ("no-splice", "token-text", "no-token-fields")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
@@ -119,8 +126,18 @@ async def chat_completions(request: web.Request) -> web.Response:
     chat = parse_chat_request(await read_json(request), model_id=model_id)
     prompt_ids = request_prompt_ids(request.app, chat.messages, chat.tools, chat.chat_template_kwargs,
                                     chat.required_prefix_token_ids)
+    fault = request.app[FAULT_KEY]
+    if fault == "token-text":
+        chat.tokens_as_ids = False
+    elif fault == "no-token-fields":
+        chat.logprobs = chat.return_token_ids = False
     completions = await engine.generate(prompt_ids, chat.sampling)
-    return web.json_response(build_chat_response(chat, model_id, prompt_ids, completions, engine.tokenizer))
+    response = build_chat_response(chat, model_id, prompt_ids, completions, engine.tokenizer)
+    if fault == "no-token-fields":
+        for choice in response["choices"]:
+            for name in TOKEN_FIELDS:
+                choice["message"].pop(name)
+    return web.json_response(response)
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -170,12 +187,17 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 def make_app(engine: GenerationEngine, model_id: str, api_key: str | None = None, *,
-             splice: bool = True) -> web.Application:
+             splice: bool = True, fault: str | None = None) -> web.Application:
+    """The policy server's routes. `fault` (one of FAULTS) is a deliberate defect for demos and tests;
+    `splice=False` is the same as fault="no-splice"."""
+    if fault is not None and fault not in FAULTS:
+        raise ServerError(f"unknown fault {fault!r}; choose from {list(FAULTS)}")
     middlewares = [handle_errors, require_api_key(api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[ENGINE_KEY] = engine
     app[MODEL_ID_KEY] = model_id
-    app[SPLICE_KEY] = splice
+    app[SPLICE_KEY] = splice and fault != "no-splice"
+    app[FAULT_KEY] = fault or ""
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -188,25 +210,27 @@ class PolicyServer:
     """The app on its own thread and event loop: for notebooks, tests and in-process trainers."""
 
     def __init__(self, engine: GenerationEngine, model_id: str, *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None, splice: bool = True):
+                 api_key: str | None = None, splice: bool = True, fault: str | None = None):
         self.engine, self.model_id, self.host, self.api_key = engine, model_id, host, api_key
         self.port = port
-        self._app = make_app(engine, model_id, api_key, splice=splice)
+        self._app = make_app(engine, model_id, api_key, splice=splice, fault=fault)
         self._serving: ServerLoop | None = None
 
     @classmethod
     def start(cls, model: str | LoadedModel, *, model_id: str | None = None, host: str = "127.0.0.1",
-              port: int = 0, api_key: str | None = None, splice: bool = True, **engine_opts) -> Self:
+              port: int = 0, api_key: str | None = None, splice: bool = True, fault: str | None = None,
+              **engine_opts) -> Self:
         """Load `model` (preset, path or LoadedModel), start serving; returns once the port is bound.
 
         `engine_opts`: dtype, device, threads, chat_template, max_model_len (model loading) and the
         GenerationEngine options (max_batch_size, max_batch_tokens, max_prefill_tokens, prefix_cache_bytes).
-        `splice=False` re-tokenizes history instead of splicing: a deliberate fault (see request_prompt_ids).
+        `splice=False` re-tokenizes history instead of splicing: a deliberate fault (see request_prompt_ids);
+        `fault` names one of FAULTS.
         """
         load_opts = {k: engine_opts.pop(k) for k in LOAD_OPTIONS if k in engine_opts}
         loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_opts)
         server = cls(GenerationEngine(loaded, **engine_opts), model_id or loaded.name, host=host, port=port,
-                     api_key=api_key, splice=splice)
+                     api_key=api_key, splice=splice, fault=fault)
         server._start_thread()
         return server
 
@@ -283,6 +307,8 @@ def main(argv: list[str]) -> int:
                         help="memory for KV reused across turns and shared system prompts (0 = off)")
     parser.add_argument("--no-splice", dest="splice", action="store_false",
                         help="FAULT for demos: re-tokenize history, no splice (validation catches it)")
+    parser.add_argument("--fault", choices=FAULTS, default=None,
+                        help="FAULT for demos and conformance tests (see gymnb.server.FAULTS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PolicyServer.start(
@@ -290,7 +316,7 @@ def main(argv: list[str]) -> int:
         api_key=args.api_key,
         dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
-        prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice)
+        prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice, fault=args.fault)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

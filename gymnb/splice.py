@@ -23,8 +23,7 @@ from __future__ import annotations
 import jinja2
 
 from gymnb.errors import RequestError
-
-TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+from gymnb.wire import TOKEN_FIELDS
 
 
 def build_prompt_ids(

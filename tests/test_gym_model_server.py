@@ -177,13 +177,16 @@ def test_real_nemo_gym_rows_are_accepted_and_convert():
 
 
 def test_metadata_carries_seed_template_kwargs_and_extra_body(loop):
-    endpoint, url = start(loop, [completion({"content": "ok"})], chat_template_kwargs={"enable_thinking": True})
-    metadata = {"seed": "17", "chat_template_kwargs": '{"enable_thinking": false}',
-                "extra_body": '{"top_k": 5, "max_tokens": 1}'}
+    endpoint, url = start(loop, [completion({"content": "ok", **TOKENS})], chat_template_kwargs={"enable_thinking": True})
+    metadata = {"seed": "3", "chat_template_kwargs": '{"enable_thinking": false}',
+                "extra_body": '{"seed": 17, "top_k": 5, "max_tokens": 1}'}
     status, _, _ = post(url + "/v1/responses", {"input": "hi", "metadata": metadata, "max_output_tokens": 4})
     sent = endpoint.requests[0]
     assert status == 200 and sent["seed"] == 17 and sent["top_k"] == 5
     assert sent["max_tokens"] == 4  # the request's own field wins over extra_body
     assert sent["chat_template_kwargs"] == {"enable_thinking": False}  # the row wins over the server config
-    status, body, _ = post(url + "/v1/responses", {"input": "hi", "metadata": {"seed": "x"}})
-    assert status == 422 and body["error"]["param"] == "metadata.seed"
+    # Like real vllm_model, other metadata keys are not interpreted (a bare metadata.seed never reached vLLM).
+    status, _, _ = post(url + "/v1/responses", {"input": "hi", "metadata": {"seed": "x"}})
+    assert status == 200 and "seed" not in endpoint.requests[1]
+    status, body, _ = post(url + "/v1/responses", {"input": "hi", "metadata": {"extra_body": "[1]"}})
+    assert status == 422 and body["error"]["param"] == "metadata.extra_body"

@@ -28,7 +28,8 @@ class ScriptedAgent:
 
     async def run(self, request: web.Request) -> web.Response:
         row = await request.json()
-        key = (row["task_id"], row["responses_create_params"].get("metadata", {}).get("seed"))
+        extra_body = json.loads(row["responses_create_params"].get("metadata", {}).get("extra_body", "{}"))
+        key = (row["task_id"], str(extra_body.get("seed")))
         self.attempts[key] += 1
         first = self.attempts[key] == 1
         mode = row.get("mode", "ok")
@@ -90,7 +91,8 @@ def test_expand_rows_is_aabbcc_with_overrides_and_seeds():
     assert keys(expanded) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert all(r["responses_create_params"]["temperature"] == 1.0 for r in expanded)
     assert expanded[4]["responses_create_params"]["input"] == "task 1"
-    assert [r["responses_create_params"]["metadata"]["seed"] for r in expanded] == [str(100 + i) for i in range(6)]
+    seeds = [json.loads(r["responses_create_params"]["metadata"]["extra_body"])["seed"] for r in expanded]
+    assert seeds == [100 + i for i in range(6)]
     assert "temperature" not in rows[1]["responses_create_params"]  # the caller's rows are not mutated
     with pytest.raises(ConfigError, match="num_repeats"):
         expand_rows(rows, 0)

@@ -86,7 +86,7 @@ class FlakyProxy:
 
     async def run(self, request: web.Request) -> web.Response:
         body = await request.read()
-        seed = json.loads(body)["responses_create_params"]["metadata"]["seed"]
+        seed = json.loads(body)["responses_create_params"]["metadata"]["extra_body"]
         self.attempts[seed] += 1
         if self.attempts[seed] == 1:
             return web.json_response({"error": {"message": "environment restarting"}}, status=503)

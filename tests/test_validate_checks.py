@@ -24,8 +24,12 @@ def servers(tiny_model_dir):
 
 def test_splice_probes_continue_on_a_splicing_server_and_break_on_a_retokenizing_one(servers, tokenizer, tmp_path):
     good, bad = servers
-    ok = check_token_continuity([], tokenizer, probes=run_multiturn_probe(good, tokenizer, num_turns=0),
-                                output_dir=tmp_path / "good")
+    none = check_token_continuity([], tokenizer, probes=run_multiturn_probe(good, tokenizer, num_turns=0),
+                                  output_dir=tmp_path / "none")
+    assert [c.name for c in none.checks if not c.ok] == ["every rollout is continuous across its model calls"]
+    assert "no rollouts to check" in none.reason  # an empty collection never passes vacuously
+    ok = check_token_continuity([single_turn_rollout(good, "Hi", 1.0)], tokenizer,
+                                probes=run_multiturn_probe(good, tokenizer, num_turns=0), output_dir=tmp_path / "good")
     assert ok.passed, ok.reason
     broken = check_token_continuity([], tokenizer, probes=run_multiturn_probe(bad, tokenizer, num_turns=0),
                                     output_dir=tmp_path / "bad")
@@ -39,9 +43,9 @@ def test_splice_probes_continue_on_a_splicing_server_and_break_on_a_retokenizing
 
 def single_turn_rollout(integration, prompt: str, temperature: float) -> dict:
     messages = [{"role": "user", "content": prompt}]
-    message = chat(integration, messages, max_tokens=12, temperature=temperature)
+    completion, ids = chat(integration, messages, max_tokens=12, temperature=temperature)
     return {"responses_create_params": {"input": messages, "temperature": temperature},
-            "response": {"output": [output_item(message)]}, "reward": 0.0}
+            "response": {"output": [output_item(completion["choices"][0]["message"], ids)]}, "reward": 0.0}
 
 
 def test_gradient_flow_agrees_with_served_weights_and_catches_stale_ones(servers, tiny_model_dir, tmp_path):
@@ -73,39 +77,29 @@ def test_collection_check_names_failures_bad_rewards_and_missing_token_fields(se
     assert (tmp_path / "reward_histogram.png").exists()
 
 
-def plain_chat_proxy(upstream: str):
-    """A real HTTP front that forwards to the policy server and drops the token fields from every message, as a
-    chat server without NeMo RL's on-policy patch answers."""
-    import aiohttp
-    from aiohttp import web
-
-    async def forward(request: web.Request) -> web.Response:
-        async with aiohttp.ClientSession() as http, http.request(
-                request.method, upstream + request.path, data=await request.read(),
-                headers={"Content-Type": "application/json"}) as resp:
-            body = await resp.json()
-        for choice in body.get("choices", []) if isinstance(body, dict) else []:
-            for field in ("prompt_token_ids", "generation_token_ids", "generation_log_probs"):
-                choice["message"].pop(field, None)
-        return web.json_response(body, status=resp.status)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    return app
-
-
-def test_endpoint_layer_fails_a_server_without_token_fields(servers, tmp_path):
+def test_endpoint_layer_reads_ids_as_nemo_gym_and_names_what_a_faulty_server_gets_wrong(servers, tiny_model_dir,
+                                                                                        tmp_path):
+    """A correct server passes with all three sources agreeing; a server that writes logprobs tokens as text
+    fails naming the field; a plain chat server (no token ids anywhere) fails, and the later checks still run."""
     from gymnb.checks.endpoint import check_endpoint
-    from gymnb.gym.common import ServerLoop
+    from gymnb.server import PolicyServer
 
     good, _ = servers
-    assert check_endpoint(good.base_url, output_dir=tmp_path / "good").passed
-    loop = ServerLoop("plain-proxy")
-    try:
-        url = loop.start_app(plain_chat_proxy(good.base_url))
-        result = check_endpoint(url, output_dir=tmp_path / "plain")
-    finally:
-        loop.stop()
-    assert result.reason.startswith("message carries prompt_token_ids, generation_token_ids, generation_log_probs")
-    names = {c.name for c in result.checks}
-    assert "POST /tokenize (plain prompt)" in names  # the later checks still ran
+    passed = check_endpoint(good.base_url, output_dir=tmp_path / "good")
+    assert passed.passed, passed.reason
+    assert passed.figures["token_id_sources"] == ["message", "return_token_ids", "logprobs+tokenize"]
+    assert passed.figures["token_id_source"] == "message"
+    for fault, first_failure, detail in (
+            ("token-text", "logprobs tokens are token_id:<N>", "ignored return_tokens_as_token_ids"),
+            ("no-token-fields", "logprobs tokens are token_id:<N>", "no choices[0].logprobs.content")):
+        with PolicyServer.start(str(tiny_model_dir), model_id="tiny", threads=1, fault=fault) as server:
+            result = check_endpoint(server.url, output_dir=tmp_path / fault)
+        failed = [c for c in result.checks if not c.ok]
+        assert failed[0].name.startswith(first_failure) and detail in failed[0].detail, failed
+        assert "POST /tokenize (plain prompt)" in {c.name for c in result.checks}  # the later checks still ran
+        if fault == "token-text":
+            reading = next(c for c in result.checks if c.name == "token ids readable as NeMo Gym reads them")
+            assert not reading.ok and "choices[0].logprobs.content[0].token" in reading.detail
+        else:
+            reading = next(c for c in result.checks if c.name == "token ids readable as NeMo Gym reads them")
+            assert not reading.ok and "no token ids in any shape" in reading.detail

@@ -33,7 +33,8 @@ def collect_layer_rollouts(integration: Integration, env: str, *, num_rows: int,
         raise ConfigError(f"asked for {num_rows} rows but {rows_path or env} has {len(rows)}; lower num_rows")
     overrides = {"temperature": temperature, "max_output_tokens": max_output_tokens}
     return collect_rollouts_sync(rows, head_url=integration.head_url, num_repeats=num_repeats,
-                                 concurrency=concurrency, overrides=overrides, out_path=out_path)
+                                 concurrency=concurrency, overrides=overrides, out_path=out_path,
+                                 agent=ENV_AGENTS.get(env))
 
 
 def trainable_items(rollout: dict) -> list[dict]:
@@ -71,7 +72,8 @@ def check_rollout_collection(run, *, num_expected: int, output_dir=".") -> Layer
             extract_trainable_turns(rollout)
         except ContinuityError as exc:
             malformed.append(f"rollout {i}: {exc}")
-    result.add("token fields complete and consistent on every model call", not malformed, "; ".join(malformed[:3]))
+    result.add("token fields complete and consistent on every model call", bool(results) and not malformed,
+               "; ".join(malformed[:3]) if results else "no rollouts to check")
     calls = [len(trainable_items(r)) for r in results]
     good_rewards = [float(x) for x in rewards if isinstance(x, (int, float)) and math.isfinite(x)]
     result.figures.update(num_rollouts=len(results), num_failures=len(failures),

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import html
 
-from gymnb.checks.endpoint import TOKEN_FIELDS, assistant_turn
+from gymnb.checks.endpoint import NEMO_GYM_TOKEN_REQUEST, assistant_turn, completion_token_ids
 from gymnb.checks.http import describe, request_json
 from gymnb.checks.integration import Integration
 from gymnb.checks.plots import plot_bars
 from gymnb.checks.result import LayerResult
 from gymnb.errors import GymnbError, ServerError
+from gymnb.wire import TokenIds
 
 LIVE_PROMPTS = ["Tell me about the moon in a few sentences.", "Go on, in a new paragraph.", "And then?"]
 BPE_TEXT = "Skinny jeans are back."
@@ -30,30 +31,33 @@ TOOL_CALL_TEXT = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"
 
 
 def chat(integration: Integration, messages: list[dict], *, max_tokens: int, temperature: float = 1.0,
-         tools: list | None = None) -> dict:
-    body = {"model": integration.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+         tools: list | None = None) -> tuple[dict, TokenIds]:
+    """One chat completion as NeMo Gym requests it; (the completion, its token ids as NeMo Gym reads them)."""
+    body = {"model": integration.model_id, "messages": messages, "max_tokens": max_tokens,
+            "temperature": temperature, **NEMO_GYM_TOKEN_REQUEST}
     if tools:
         body["tools"] = tools
     reply = request_json("POST", f"{integration.base_url}/v1/chat/completions", body, api_key=integration.api_key)
     if not reply.ok:
         raise ServerError(f"probe chat completion failed: {describe(reply)}")
-    message = reply.body["choices"][0]["message"]
-    missing = [f for f in TOKEN_FIELDS if message.get(f) is None]
-    if missing:
-        raise ServerError(f"probe chat completion returned no {missing}: layer 01 shows what the server returns")
-    return message
+    sources, problem = completion_token_ids(integration.base_url, body, reply.body, integration.api_key)
+    if not sources:
+        raise ServerError(f"the policy server returned no token ids a trainer could use "
+                          f"({problem or 'none in any shape'}), so continuity cannot be probed; layer 01 shows what it "
+                          "returns")
+    return reply.body, sources[0]
 
 
 def served_prompt_ids(integration: Integration, messages: list[dict], tools: list | None = None) -> list[int]:
     """The prompt ids the server uses for `messages`, from a one-token completion (needs no /tokenize)."""
-    return chat(integration, messages, max_tokens=1, tools=tools)["prompt_token_ids"]
+    return chat(integration, messages, max_tokens=1, tools=tools)[1].prompt_token_ids
 
 
-def output_item(message: dict) -> dict:
+def output_item(message: dict, ids: TokenIds | dict) -> dict:
     """An assistant chat message as a Responses output item carrying its token fields."""
+    fields = ids.as_fields() if isinstance(ids, TokenIds) else ids
     return {"type": "message", "role": "assistant",
-            "content": [{"type": "output_text", "text": message.get("content") or ""}],
-            **{f: message[f] for f in TOKEN_FIELDS}}
+            "content": [{"type": "output_text", "text": message.get("content") or ""}], **fields}
 
 
 def probe_rollout(name: str, items: list[dict]) -> dict:
@@ -66,9 +70,9 @@ def run_live_probe(integration: Integration, num_turns: int, max_tokens: int) ->
         user = {"role": "user", "content": LIVE_PROMPTS[min(turn, len(LIVE_PROMPTS) - 1)]}
         messages.append(user)
         items.append({"type": "message", **user})
-        message = chat(integration, messages, max_tokens=max_tokens)
-        messages.append(assistant_turn(message))
-        items.append(output_item(message))
+        completion, ids = chat(integration, messages, max_tokens=max_tokens)
+        messages.append(assistant_turn(completion, ids))
+        items.append(output_item(completion["choices"][0]["message"], ids))
     return probe_rollout("live", items)
 
 
@@ -91,20 +95,31 @@ def run_splice_probe(integration: Integration, tokenizer, *, tool_call: bool) ->
             raise GymnbError(f"the tokenizer encodes every split of {BPE_TEXT!r} canonically: no BPE probe possible")
         assistant = {"role": "assistant", "content": BPE_TEXT}  # as if cut by max_tokens: no eos
         follow = {"role": "user", "content": "Why?"}
-    assistant.update(prompt_token_ids=prompt_ids, generation_token_ids=generated,
-                     generation_log_probs=[-1.0] * len(generated))
-    message = chat(integration, [user, assistant, follow], max_tokens=4, tools=tools)
-    items = [{"type": "message", **user}, {**output_item(assistant), "tool_calls": assistant.get("tool_calls")},
-             {"type": "message", **follow}, output_item(message)]
+    fields = {"prompt_token_ids": prompt_ids, "generation_token_ids": generated,
+              "generation_log_probs": [-1.0] * len(generated)}
+    assistant.update(fields)
+    completion, ids = chat(integration, [user, assistant, follow], max_tokens=4, tools=tools)
+    items = [{"type": "message", **user}, {**output_item(assistant, fields), "tool_calls": assistant.get("tool_calls")},
+             {"type": "message", **follow}, output_item(completion["choices"][0]["message"], ids)]
     return probe_rollout("splice_tool_call" if tool_call else "splice_bpe", items)
 
 
 def run_multiturn_probe(integration: Integration, tokenizer, *, num_turns: int = 2,
                         max_tokens: int = 32) -> list[dict]:
-    """The probe conversations (see module docstring), each shaped as a rollout for `check_continuity`."""
-    probes = [run_live_probe(integration, num_turns, max_tokens)] if num_turns >= 2 else []
-    probes.append(run_splice_probe(integration, tokenizer, tool_call=False))
-    probes.append(run_splice_probe(integration, tokenizer, tool_call=True))
+    """The probe conversations (see module docstring), each shaped as a rollout for `check_continuity`.
+
+    A probe the server cannot answer with token ids comes back as `{"probe": name, "error": reason}`, so the
+    layer records a failed check instead of stopping.
+    """
+    runs = [("live", lambda: run_live_probe(integration, num_turns, max_tokens))] if num_turns >= 2 else []
+    runs += [("splice_bpe", lambda: run_splice_probe(integration, tokenizer, tool_call=False)),
+             ("splice_tool_call", lambda: run_splice_probe(integration, tokenizer, tool_call=True))]
+    probes = []
+    for name, run in runs:
+        try:
+            probes.append(run())
+        except ServerError as exc:
+            probes.append({"probe": name, "error": str(exc)})
     return probes
 
 
@@ -115,10 +130,15 @@ def check_token_continuity(rollouts: list[dict], tokenizer, *, probes: list[dict
     result = LayerResult("token_continuity", output_dir=str(output_dir))
     summary = check_rollouts(rollouts, tokenizer)
     first_broken = summary.broken[0] if summary.broken else None
-    result.add("every rollout is continuous across its model calls", summary.ok,
+    result.add("every rollout is continuous across its model calls", summary.ok and summary.num_rollouts > 0,
                f"{len(summary.broken)} of {summary.num_rollouts} rollouts broken; first: {first_broken.describe()}"
-               if first_broken else f"{summary.num_rollouts} rollouts, {summary.num_multi_turn} multi-turn")
+               if first_broken else f"{summary.num_rollouts} rollouts, {summary.num_multi_turn} multi-turn"
+               if summary.num_rollouts else "no rollouts to check: layer 03 collected none (see its report)")
     broken_probe = None
+    failed_probes = [p for p in probes if "error" in p]
+    for probe in failed_probes:
+        result.add(f"probe {probe['probe']}: answered with token ids", False, probe["error"])
+    probes = [p for p in probes if "error" not in p]
     for probe in probes:
         verdict = check_continuity(probe, tokenizer)
         result.add(f"probe {probe['probe']}: continuous over {verdict.num_calls} model calls", verdict.ok,

@@ -66,7 +66,7 @@ def check_gradient_flow(rollouts: list[dict], policy, *, max_rollouts: int = 4, 
         processed.append((index, rollout, item))
     result.add("rollouts process into training data", bool(processed) and not refused,
                f"{len(refused)} of {len(chosen)} refused; first: {refused[0]}" if refused else
-               f"{len(processed)} rollouts")
+               f"{len(processed)} rollouts" if processed else "no rollouts: layer 03 collected none (see its report)")
     result.add("loss mask covers exactly the generated tokens, with their log-probs", not mask_problems,
                "; ".join(mask_problems[:3]))
     if not processed:

@@ -5,13 +5,15 @@
     GET  /                      {"status": "ok"}
 
 Config (configs/envs/policy_model.yaml): `base_url` (one URL ending in /v1, or a list), `api_key`, `model`,
-`return_token_id_information`, `request_vllm_logprobs`, `uses_reasoning_parser`, `chat_template_kwargs`,
-`request_timeout_seconds`.
+`return_token_id_information`, `uses_reasoning_parser`, `chat_template_kwargs`, `request_timeout_seconds`.
 
 Several base URLs: each session (the model server's session cookie, which the agent carries across the steps of
 one rollout) sticks to one endpoint, chosen by a hash of the session id, so a multi-turn rollout's prefix stays
-in one engine's cache. Token fields: taken from the assistant message (gymnb serve, NeMo RL); with
-`request_vllm_logprobs` also from vLLM's per-token logprobs plus `POST /tokenize` for the prompt.
+in one engine's cache. Token ids, as real NeMo Gym's vllm_model does it: with `return_token_id_information`
+every chat request asks for vLLM's per-token ids (gymnb.wire.VLLM_MODEL_TOKEN_REQUEST), and the ids are read in
+gymnb.wire's priority: a complete bundle on the message (gymnb serve, NeMo RL), else vLLM's `return_token_ids`
+fields, else the `token_id:<N>` logprobs plus `POST /tokenize` for the prompt. A server that answers with
+none of them gives a 502 naming what is missing (real vllm_model raises there too).
 
 Upstream failures never hang or kill the server: unreachable -> 502, timeout -> 504, an upstream 4xx is passed
 on with its message, and a prompt over the context (HTTP 400 naming the context length) becomes an empty
@@ -29,7 +31,8 @@ from aiohttp import web
 
 from gymnb.errors import ConfigError, RequestError
 from gymnb.gym.common import check_responses_create_params, make_server_app, read_json, session_id
-from gymnb.gym.responses_convert import TOKEN_FIELDS, chat_to_response, responses_to_chat
+from gymnb.gym.responses_convert import chat_to_response, responses_to_chat
+from gymnb.wire import SOURCE_LOGPROBS, WireError, read_token_ids, tokenize_body
 
 CLIENT_KEY = web.AppKey("gymnb_model_client", aiohttp.ClientSession)
 CONTEXT_ERROR_MARKERS = ("context_length_exceeded", "context length", "maximum context", "max_tokens")
@@ -59,7 +62,6 @@ class PolicyClient:
         self.api_key = config.get("api_key")
         self.name = config.get("name", "policy_model")
         self.return_tokens = bool(config.get("return_token_id_information", True))
-        self.vllm_logprobs = bool(config.get("request_vllm_logprobs", False))
         self.chat_template_kwargs = config.get("chat_template_kwargs")
         self.uses_reasoning_parser = bool(config.get("uses_reasoning_parser", True))
         self.timeout = float(config.get("request_timeout_seconds", 600.0))
@@ -109,31 +111,33 @@ class PolicyClient:
         return completion
 
     async def attach_tokens(self, http: aiohttp.ClientSession, base_url: str, body: dict, completion: dict) -> None:
-        """Make sure the message carries all three token fields (from vLLM logprobs + /tokenize if needed)."""
+        """Put the call's three token fields on the message, read from whichever shape the endpoint used."""
         choice = completion["choices"][0]
-        message = choice.setdefault("message", {})
-        present = [f for f in TOKEN_FIELDS if message.get(f) is not None]
-        if len(present) == len(TOKEN_FIELDS):
-            return
-        if present:
-            raise RequestError(f"model server {self.name!r}: the policy endpoint returned {present} without the "
-                               "other token fields", code="upstream_protocol", status=502)
-        logprobs = (choice.get("logprobs") or {}).get("content")
-        if not self.vllm_logprobs:
-            return  # an evaluation-only endpoint: the rollout simply carries no token fields
-        if not isinstance(logprobs, list):
-            raise RequestError(f"model server {self.name!r}: request_vllm_logprobs is set but the policy endpoint "
-                               "returned no choice.logprobs.content", code="upstream_protocol", status=502)
-        ids = [int(entry["token"].removeprefix("token_id:")) for entry in logprobs]
-        tokenize_url = base_url.removesuffix("/v1") + "/tokenize"
-        tokenize_body = {k: body[k] for k in ("model", "messages", "tools", "chat_template_kwargs") if k in body}
-        status, tokenized = await self.post(http, tokenize_url, tokenize_body)
+        try:
+            sources = read_token_ids(completion)
+        except WireError as exc:
+            raise RequestError(f"model server {self.name!r}: {exc}", code="upstream_protocol", status=502) from None
+        if not sources:
+            raise RequestError(f"model server {self.name!r}: return_token_id_information is on, but the policy "
+                               "endpoint returned no token ids (no prompt_token_ids/generation_token_ids on the "
+                               "message, no vLLM token_ids, no choices[0].logprobs.content)",
+                               code="upstream_protocol", status=502)
+        ids = sources[0]
+        if ids.source == SOURCE_LOGPROBS:
+            ids = ids.with_prompt(await self.tokenize(http, base_url, body))
+        choice.setdefault("message", {}).update(ids.as_fields())
+        for key in ("logprobs", "token_ids"):  # now on the message; duplicates would only travel along
+            choice.pop(key, None)
+        completion.pop("prompt_token_ids", None)
+
+    async def tokenize(self, http: aiohttp.ClientSession, base_url: str, body: dict) -> list[int]:
+        """Prompt ids from the endpoint's `/tokenize` (at the server root, not under /v1)."""
+        url = base_url.removesuffix("/v1") + "/tokenize"
+        status, tokenized = await self.post(http, url, tokenize_body(body))
         if status >= 400 or not isinstance(tokenized.get("tokens"), list):
-            raise RequestError(f"model server {self.name!r}: POST {tokenize_url} failed (HTTP {status}): "
+            raise RequestError(f"model server {self.name!r}: POST {url} failed (HTTP {status}): "
                                f"{_error_message(tokenized)}", code="upstream_error", status=502)
-        message.update(prompt_token_ids=tokenized["tokens"], generation_token_ids=ids,
-                       generation_log_probs=[float(entry["logprob"]) for entry in logprobs])
-        choice.pop("logprobs", None)
+        return tokenized["tokens"]
 
 
 def _error_message(body: dict) -> str:
@@ -163,7 +167,7 @@ def make_app(config: dict) -> web.Application:
         params = await read_json(request)
         check_responses_create_params(params, prefix="")
         body = responses_to_chat(params, model=client.model, chat_template_kwargs=client.chat_template_kwargs,
-                                 vllm_logprobs=client.vllm_logprobs and client.return_tokens)
+                                 vllm_logprobs=client.return_tokens)
         completion = await client.chat(request.app[CLIENT_KEY], body, session_id(request))
         return web.json_response(chat_to_response(params, completion, model=client.model,
                                                   uses_reasoning_parser=client.uses_reasoning_parser))

@@ -9,8 +9,8 @@ Responses -> chat (the request):
 - `function_call_output` items become `tool` messages; `max_output_tokens` becomes `max_tokens`; `n` is 1.
 - `metadata` (string values, as OpenAI requires): `chat_template_kwargs` and `extra_body` hold JSON objects
   merged into the chat request, as NeMo Gym's vllm_model does (per-row template switches, extra sampling
-  fields; the request's own fields win over `extra_body`); `seed` (gymnb's, set per rollout by
-  gymnb.rollouts) becomes the chat `seed`, so repeated rollouts of one row sample differently but reproducibly.
+  fields such as the per-rollout `seed` gymnb.rollouts sets; the request's own fields win over `extra_body`).
+  Other metadata keys are not interpreted, as in real vllm_model.
 
 Chat -> Responses (the answer):
 - `<think>..</think>` in the content (or a `reasoning_content` field) -> a `reasoning` item; the rest -> a
@@ -27,8 +27,8 @@ import time
 import uuid
 
 from gymnb.errors import RequestError
+from gymnb.wire import TOKEN_FIELDS, VLLM_MODEL_TOKEN_REQUEST
 
-TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 # Responses request fields echoed back on the Response object, as OpenAI does.
 ECHOED_FIELDS = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id",
@@ -147,16 +147,10 @@ def responses_to_chat(params: dict, *, model: str, chat_template_kwargs: dict | 
     template_kwargs = {**(chat_template_kwargs or {}), **_metadata_json(metadata, "chat_template_kwargs")}
     if template_kwargs:
         body["chat_template_kwargs"] = template_kwargs
-    if metadata.get("seed") is not None:
-        try:
-            body["seed"] = int(metadata["seed"])
-        except (TypeError, ValueError):
-            raise RequestError(f"metadata.seed must be an integer, got {metadata['seed']!r}", param="metadata.seed",
-                               code="invalid_type", status=422) from None
     body = {**_metadata_json(metadata, "extra_body"), **body}
     if vllm_logprobs:
-        # vLLM's way to return sampled token ids and their log-probs: one logprob per token, ids as "token_id:N".
-        body.update(logprobs=True, top_logprobs=0, return_tokens_as_token_ids=True)
+        # What real vllm_model asks of every training request: the sampled ids as "token_id:N" logprobs.
+        body.update(VLLM_MODEL_TOKEN_REQUEST)
     return body
 
 
