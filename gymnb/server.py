@@ -61,7 +61,8 @@ SPLICE_KEY = web.AppKey("splice", bool)
 FAULT_KEY = web.AppKey("fault", str)
 # Deliberate faults, for showing that the validation suite (and real NeMo Gym) catch them; never for training.
 #   no-splice        re-tokenize the history instead of splicing the ids the model generated (off-policy turns)
-#   token-text       ignore return_tokens_as_token_ids: logprobs tokens as text, as plain OpenAI servers do
+#   token-text       a plain OpenAI-style server asked for NeMo Gym's token flags: logprobs tokens as text
+#                    (return_tokens_as_token_ids ignored), no token fields, no vLLM token_ids
 #   no-token-fields  a plain chat server: no token fields, no vLLM token ids, no logprobs
 FAULTS = ("no-splice", "token-text", "no-token-fields")
 
@@ -127,13 +128,12 @@ async def chat_completions(request: web.Request) -> web.Response:
     prompt_ids = request_prompt_ids(request.app, chat.messages, chat.tools, chat.chat_template_kwargs,
                                     chat.required_prefix_token_ids)
     fault = request.app[FAULT_KEY]
-    if fault == "token-text":
-        chat.tokens_as_ids = False
-    elif fault == "no-token-fields":
-        chat.logprobs = chat.return_token_ids = False
+    if fault in ("token-text", "no-token-fields"):
+        chat.tokens_as_ids = chat.return_token_ids = False
+        chat.logprobs = chat.logprobs and fault == "token-text"
     completions = await engine.generate(prompt_ids, chat.sampling)
     response = build_chat_response(chat, model_id, prompt_ids, completions, engine.tokenizer)
-    if fault == "no-token-fields":
+    if fault in ("token-text", "no-token-fields"):
         for choice in response["choices"]:
             for name in TOKEN_FIELDS:
                 choice["message"].pop(name)

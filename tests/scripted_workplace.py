@@ -27,10 +27,10 @@ def workplace_rows() -> list[dict]:
 
 def tool_output(name: str, arguments: dict) -> str:
     """The raw body the workplace server answers for a call, as the agent hands it to the model."""
-    from gymnb.gym.workplace.server import run_tool
+    from gymnb.gym.workplace.server import fastapi_dumps, run_tool
     from gymnb.gym.workplace.state import base_state
 
-    return json.dumps({"output": run_tool(base_state(None), name, json.dumps(arguments).encode())})
+    return fastapi_dumps({"output": run_tool(base_state(None), name, json.dumps(arguments).encode())})
 
 
 def call(name: str, arguments: dict, *, compact: bool = False) -> str:

@@ -30,5 +30,17 @@ PYENV_VERSION=3.12.1 "$py" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # ng_run makes a uv venv per server folder unless told to skip it; uv must be importable either way.
 "$venv/bin/pip" install -q "nemo-gym==$version" uv
+# The 0.2.0 wheel imports `scripts.update_resource_servers` (a repository script, used only when naming
+# datasets uploaded to the HF hub) without shipping it, so its `ng_run` dies on import. A stub module on
+# PYTHONPATH (gymnb.realstack sets it for every NeMo Gym process) lets the CLI start; the stub raises if called.
+if ! "$venv/bin/python" -c 'import nemo_gym.hf_utils' 2>/dev/null; then
+    mkdir -p "$venv/gymnb-shims/scripts"
+    : > "$venv/gymnb-shims/scripts/__init__.py"
+    cat > "$venv/gymnb-shims/scripts/update_resource_servers.py" <<'PY'
+def visit_resources_server(*args, **kwargs):
+    raise NotImplementedError("scripts.update_resource_servers is not shipped in this nemo-gym wheel")
+PY
+    PYTHONPATH="$venv/gymnb-shims" "$venv/bin/python" -c 'import nemo_gym.hf_utils'
+fi
 touch "$venv/.installed"
 echo "$venv"

@@ -80,6 +80,10 @@ def check_workplace_row(body: dict) -> None:
     require_fields(body, {k: t for k, t in optional.items() if k in body})
 
 
+def fastapi_dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def run_tool(state: CompanyState, name: str, raw_body: bytes) -> Any:
     """The tool's output for a raw request body; any failure becomes NeMo Gym's error text."""
     try:
@@ -122,7 +126,9 @@ def make_app(config: dict) -> web.Application:
         if state is None:
             raise RequestError("this session was verified and released: POST /seed_session to start a new one",
                                param="session", code="session_not_seeded", status=400)
-        return web.json_response({"output": run_tool(state, name, await request.read())})
+        # The body is what the agent hands the model as the tool's output, so it must be byte for byte what
+        # NeMo Gym's FastAPI server sends: compact separators, non-ASCII kept.
+        return web.json_response({"output": run_tool(state, name, await request.read())}, dumps=fastapi_dumps)
 
     async def verify(request: web.Request) -> web.Response:
         body = await read_json(request)
