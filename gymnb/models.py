@@ -203,6 +203,7 @@ def make_tiny_model(
     *,
     num_layers: int = 2,
     hidden_size: int = 64,
+    num_heads: int = 4,
     seed: int = 0,
     chat_template: str | None = "chatml_tools",
     max_position_embeddings: int = 8192,
@@ -210,7 +211,8 @@ def make_tiny_model(
     """Write a tiny random Llama with the embedded model's real tokenizer into `out_dir`; return the dir.
 
     Fast enough for every test, and real in what matters to the protocol: the same BPE vocabulary, special
-    tokens and chat template as the embedded default.
+    tokens and chat template as the embedded default. vLLM's CPU attention needs a head size of 32 or more
+    (hidden_size / num_heads): the default 16 is for gymnb-only tests.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -224,7 +226,7 @@ def make_tiny_model(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
+        num_attention_heads=num_heads,
         num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,

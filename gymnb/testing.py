@@ -53,6 +53,8 @@ def make_scripted_model(
     max_steps: int = 600,
     lr: float = 1e-2,
     seed: int = 0,
+    hidden_size: int = 64,
+    num_heads: int = 4,
 ) -> Path:
     """Train a tiny model until greedy decoding reproduces every completion; save it to `out_dir`.
 
@@ -62,11 +64,12 @@ def make_scripted_model(
     import torch
 
     out = Path(out_dir)
-    digest = hashlib.sha256(json.dumps([conversations, seed], sort_keys=True).encode()).hexdigest()[:16]
+    shape = [] if (hidden_size, num_heads) == (64, 4) else [hidden_size, num_heads]  # old caches stay valid
+    digest = hashlib.sha256(json.dumps([conversations, seed, *shape], sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "scripted.json"
     if marker.exists() and json.loads(marker.read_text()).get("hash") == digest:
         return out
-    base = make_tiny_model(out.with_name(out.name + ".base"), seed=seed)
+    base = make_tiny_model(out.with_name(out.name + ".base"), seed=seed, hidden_size=hidden_size, num_heads=num_heads)
     tokenizer = load_tokenizer(str(base))
     pairs = [p for conv in conversations for p in build_scripted_pairs(tokenizer, conv)]
 

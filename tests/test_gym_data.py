@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import pytest
+from nemo_gym_data import example_file
 
 from gymnb.errors import ConfigError
 from gymnb.gym.common import check_row
@@ -20,7 +20,7 @@ from gymnb.gym.data import (
 )
 from gymnb.gym.math_with_judge import verify_math_answer
 
-REAL_MATH_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo_gym" / "math_example.jsonl"
+REAL_MATH_ROWS = example_file("math_with_judge")
 
 
 def test_math_rows_are_nemo_gym_rows_in_dapo_style():

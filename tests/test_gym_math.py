@@ -6,16 +6,16 @@ import asyncio
 import json
 import os
 import signal
-from pathlib import Path
 
 import aiohttp
 import pytest
+from nemo_gym_data import example_file
 
 from gymnb.gym.common import ServerLoop
 from gymnb.gym.math_with_judge import VERIFIER_KEY, make_app, strip_math_delimiters, verify_math_answer
 from gymnb.gym.metrics import compute_aggregate_metrics
 
-REAL_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo_gym" / "math_example.jsonl"
+REAL_ROWS = example_file("math_with_judge")
 
 
 @pytest.mark.parametrize("expected, text", [

@@ -152,15 +152,14 @@ def test_chat_shaped_history_is_accepted():
 
 
 def test_real_nemo_gym_rows_are_accepted_and_convert():
-    """The shared NeMo Gym example rows: accepted as rows, and their tools/settings reach the chat request."""
-    from pathlib import Path
+    """NeMo Gym's example rows (from its wheel): accepted as rows, and their tools/settings reach the chat request."""
+    from nemo_gym_data import example_file
 
     from gymnb.gym.common import check_row
     from gymnb.gym.responses_convert import responses_to_chat
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo_gym"
-    math_rows = [json.loads(line) for line in (data / "math_example.jsonl").read_text().splitlines()]
-    work_rows = [json.loads(line) for line in (data / "workplace_example.jsonl").read_text().splitlines()]
+    math_rows = [json.loads(line) for line in example_file("math_with_judge").read_text().splitlines()]
+    work_rows = [json.loads(line) for line in example_file("workplace_assistant").read_text().splitlines()]
     for row in math_rows + work_rows:
         check_row(row)
         body = responses_to_chat(row["responses_create_params"], model="m")

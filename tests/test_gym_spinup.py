@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 import yaml
+from nemo_gym_data import example_file
 
 from gymnb.config import REPO_ROOT
 from gymnb.errors import ConfigError
@@ -76,7 +77,7 @@ def test_an_env_from_a_yaml_file(tmp_path):
 def test_start_gym_runs_math_end_to_end_with_a_tiny_model(tiny_model_dir):
     from gymnb.server import PolicyServer
 
-    real_row = json.loads((REPO_ROOT.parent / "shared/data/nemo_gym/math_example.jsonl").read_text().splitlines()[0])
+    real_row = json.loads(example_file("math_with_judge").read_text().splitlines()[0])
     rows = load_rows("math_with_judge", "validation", limit=2) + [real_row]  # a real NeMo Gym row, as prepared
     with PolicyServer.start(str(tiny_model_dir), model_id="tiny") as policy, \
             start_gym(["math_with_judge"], policy_base_url=policy.base_url, policy_model_name="tiny",

@@ -1,14 +1,13 @@
 """workplace_assistant without HTTP: schemas, CSV loading, tool semantics, the reward, the synthetic company, rows.
 
-NeMo Gym's public example rows are read from ../shared/data/nemo_gym (or $GYMNB_NEMO_GYM_DATA); they are format
-fixtures and are never copied into the repository. $GYMNB_NEMO_GYM_CSV_DIR, when set, points at NeMo Gym's own
-csv_data folder, and the example rows are then also replayed against NeMo Gym's real company.
+NeMo Gym's example rows and its real company data (csv_data) are read from the installed nemo-gym wheel
+(tests/nemo_gym_data.py); they are never copied into the repository. The example rows are replayed against both
+gymnb's synthetic company and NeMo Gym's real one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,11 @@ from gymnb.gym.workplace.state import TABLE_FILES, base_state, load_state, write
 from gymnb.gym.workplace.tools import ToolError, call_tool
 from gymnb.gym.workplace.verify import compute_reward, diff_tables, replay_calls
 
-NEMO_GYM_DATA = Path(os.environ.get("GYMNB_NEMO_GYM_DATA",
-                                    Path(__file__).resolve().parents[2] / "shared" / "data" / "nemo_gym"))
-EXAMPLE_FILE = NEMO_GYM_DATA / "workplace_example.jsonl"
-
 
 def load_example_rows() -> list[dict]:
-    if not EXAMPLE_FILE.exists():
-        pytest.skip(f"NeMo Gym example rows not found at {EXAMPLE_FILE} (set GYMNB_NEMO_GYM_DATA)")
-    return [json.loads(line) for line in EXAMPLE_FILE.read_text().splitlines() if line.strip()]
+    from nemo_gym_data import example_file
+
+    return [json.loads(line) for line in example_file("workplace_assistant").read_text().splitlines() if line.strip()]
 
 
 def user_prompts(rows: list[dict]) -> set[str]:
@@ -124,10 +119,10 @@ def test_example_rows_ground_truth_is_the_right_answer_on_the_synthetic_company(
     assert call_tool(state, "company_directory_find_email_address", {"name": "raj"}) == ["raj.patel@atlas.com"]
 
 
-@pytest.mark.skipif(not os.environ.get("GYMNB_NEMO_GYM_CSV_DIR"), reason="set GYMNB_NEMO_GYM_CSV_DIR to NeMo Gym's "
-                    "resources_servers/workplace_assistant/csv_data to replay the example rows on its real data")
 def test_example_rows_on_nemo_gym_real_data():
-    state = load_state(os.environ["GYMNB_NEMO_GYM_CSV_DIR"])
+    from nemo_gym_data import workplace_csv_dir
+
+    state = load_state(workplace_csv_dir())
     for row in load_example_rows():
         assert check_ground_truth(state, as_calls(row))
         assert compute_reward(state, row["ground_truth"], row["ground_truth"]) == 1.0

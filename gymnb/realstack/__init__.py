@@ -6,7 +6,12 @@ gymnb never imports them: it starts their own CLIs (`ng_run`, `ng_collect_rollou
 subprocesses, each in a session of its own so that stopping it by its pid also stops what it started.
 """
 
-from gymnb.realstack.nemo_gym import NEMO_GYM_VERSIONS, NemoGymStack, collect_rollouts_with_nemo_gym, example_rows
+from gymnb.realstack.nemo_gym import (
+           NEMO_GYM_VERSIONS,
+           NemoGymStack,
+           collect_rollouts_with_nemo_gym,
+           example_rows,
+)
 from gymnb.realstack.process import realstack_dir
 from gymnb.realstack.vllm import VLLMServer
 

@@ -34,7 +34,7 @@ class Subprocess:
     def __init__(self, argv: list[str], *, log_path: Path, env: dict | None = None, cwd: Path | None = None):
         self.argv, self.log_path = argv, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the process; closed in stop())
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                      start_new_session=True)
 

@@ -86,5 +86,6 @@ def scripted_nemo_gym_model(version: str, resources_url: str) -> Path:
     """The scripted model for NeMo Gym `version`'s rows (trained once per machine, cached by content hash)."""
     math, workplace = read_rows(version, "math_with_judge"), workplace_rows(version)
     outputs = [real_tool_output(resources_url, row, *ground_truth_call(row)) for row in workplace]
+    # Head size 64: vLLM's CPU attention has no kernel for gymnb's default tiny head size of 16.
     return make_scripted_model(cache_dir() / "tiny" / f"scripted-nemo-gym-{version}",
-                               conversations(math, workplace, outputs))
+                               conversations(math, workplace, outputs), hidden_size=128, num_heads=2)
