@@ -48,6 +48,7 @@ from gymnb.chat import (
     require_object,
 )
 from gymnb.engine import GenerationEngine
+from gymnb.config import API_KEY_ENV, read_api_key
 from gymnb.errors import EnvironmentServerError, RequestError, ServerError
 from gymnb.gym.common import ServerLoop, parse_json_body, read_body
 from gymnb.models import LoadedModel, list_presets, load_model
@@ -319,7 +320,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-id", default=None, help="served model name (default: the --model value)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (visible in `ps`: "
+                                                        f"prefer --api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH", help="file holding the API key")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -331,17 +334,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-splice", dest="splice", action="store_false",
                         help="FAULT for demos: re-tokenize history, no splice (validation catches it)")
     args = parser.parse_args(argv)
+    api_key = read_api_key(args.api_key, args.api_key_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PolicyServer.start(
         args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
-        api_key=args.api_key,
+        api_key=api_key,
         dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
         prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        wait_until_ready(server.url, args.api_key)
+        wait_until_ready(server.url, api_key)
         print(f"gymnb serve: {server.model_id} ready at {server.url} (OpenAI base_url {server.base_url})",
               flush=True)
         while not stop.wait(0.5):
