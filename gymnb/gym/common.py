@@ -151,6 +151,10 @@ class SessionStore:
 
 
 MAX_JSON_DEPTH = 100  # far past any real request (tool schemas nest ~10), far below Python's recursion limit
+# aiohttp keeps an idle connection, or one whose client stalls before finishing its headers, for an hour by
+# default: a few hundred stalled clients would hold as many sockets. Clients pool connections for less (aiohttp
+# 15 s, httpx 5 s), so closing after 30 idle seconds costs them nothing.
+KEEPALIVE_TIMEOUT = 30.0
 BODY_READ_TIMEOUT = 120.0  # seconds for a body to arrive: a stalled client does not hold a handler forever
 _SCALARS = frozenset({int, float, bool, type(None), str})
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -341,7 +345,7 @@ class ServerLoop:
             sock.close()
             raise EnvironmentServerError(f"cannot listen on {host}:{port}: {exc}; choose another port "
                                          "(or 0 for a free one)") from None
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
         await runner.setup()
         await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
         self._runners.append(runner)
