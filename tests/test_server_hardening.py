@@ -5,6 +5,7 @@ answering while a prompt is being tokenized; the API key is checked the one docu
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.request
 
@@ -154,3 +155,18 @@ def test_the_key_is_a_bearer_token_and_guards_the_counters(server):
     request = urllib.request.Request(server.url + "/health", headers={"Authorization": "Bearer sekret"})
     with urllib.request.urlopen(request, timeout=30) as resp:
         assert json.loads(resp.read())["stats"]["requests"] > 0
+
+
+def test_a_too_large_header_gets_an_openai_error(server):
+    """aiohttp refuses it before any handler runs; the answer still has the OpenAI error shape."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400")
+    error = json.loads(body)["error"]
+    assert error["code"] == "header_too_large" and error["type"] == "invalid_request_error"
+    assert_serving(server)

@@ -41,7 +41,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import LineTooLong
 
 from gymnb.errors import EnvironmentServerError, RequestError
 
@@ -319,6 +320,41 @@ def check_output_item(item: Any, path: str) -> None:
                                code="invalid_type", status=422)
 
 
+class OpenAIErrorHandler(web_protocol.RequestHandler):
+    """aiohttp answers a request it cannot parse (a header past 8 KiB, a broken request line) itself, before
+    any app code runs, in plain text; this gives those answers the OpenAI error shape every other error has."""
+
+    __slots__ = ()  # the same layout as RequestHandler, so an instance of it can take this class
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent yet
+        if isinstance(exc, LineTooLong):
+            response = json_error(f"a request line or header is longer than the server accepts (8190 bytes): "
+                                  f"{exc.message}", status=status, code="header_too_large")
+        else:
+            response = json_error(f"{plain.reason}: {message or exc or 'the request could not be parsed'}",
+                                  status=status)
+        response.force_close()
+        return response
+
+
+class OpenAIErrorSite(web.SockSite):
+    """A SockSite whose connections answer unparsable requests with OpenAI-style bodies (OpenAIErrorHandler)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+
+        def protocol() -> web_protocol.RequestHandler:
+            handler = server()
+            handler.__class__ = OpenAIErrorHandler
+            return handler
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock,
+                                                                      backlog=self._backlog)
+
+
 class ServerLoop:
     """One background thread running an asyncio loop that serves any number of aiohttp apps on loopback."""
 
@@ -347,7 +383,7 @@ class ServerLoop:
                                          "(or 0 for a free one)") from None
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
         await runner.setup()
-        await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+        await OpenAIErrorSite(runner, sock, shutdown_timeout=1.0).start()
         self._runners.append(runner)
         return f"http://{host}:{sock.getsockname()[1]}"
 
