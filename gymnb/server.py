@@ -2,7 +2,8 @@
 
 Endpoints (vLLM shapes; see gymnb.chat for the request schema):
     GET  /v1/models            {"object": "list", "data": [{"id": MODEL_ID, "max_model_len": ...}]}
-    GET  /health               {"status": "ok", "num_active", "num_waiting", "stats"} (needs no API key)
+    GET  /health               {"status": "ok"} for anyone; with the API key also "num_active", "num_waiting",
+                               "stats" (request and token counters)
     POST /v1/chat/completions  chat.completion; every choices[i].message has prompt_token_ids,
                                generation_token_ids, generation_log_probs
     POST /tokenize             {"messages", "tools"?, ...} or {"prompt": str}
@@ -47,8 +48,8 @@ from gymnb.chat import (
     parse_tools,
     require_object,
 )
-from gymnb.engine import GenerationEngine
 from gymnb.config import API_KEY_ENV, read_api_key
+from gymnb.engine import GenerationEngine
 from gymnb.errors import EnvironmentServerError, RequestError, ServerError
 from gymnb.gym.common import ServerLoop, parse_json_body, read_body
 from gymnb.models import LoadedModel, list_presets, load_model

@@ -19,8 +19,8 @@ from gymnb.gym.data import load_rows
 from gymnb.models import load_model
 from gymnb.server import PolicyServer
 
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
-                                                                       HealthCheck.function_scoped_fixture])
+SETTINGS = {"deadline": None, "derandomize": True,
+            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}
 LONE_SURROGATES = st.sampled_from(["\ud800", "a\udfffb", "\udbff\ud800"])
 EXTREME_INTS = st.sampled_from([-(2**63) - 1, -(2**31), -2, -1, 0, 2**31, 2**63, 2**64, 10**30])
 SCALARS = (st.none() | st.booleans() | st.integers(-5, 300) | EXTREME_INTS | st.floats(allow_nan=True)

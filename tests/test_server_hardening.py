@@ -10,7 +10,6 @@ import threading
 import urllib.request
 
 import pytest
-from test_server import post
 
 from gymnb.models import load_model
 from gymnb.server import PolicyServer
@@ -166,7 +165,7 @@ def test_a_too_large_header_gets_an_openai_error(server):
         while chunk := sock.recv(65536):
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400")
+    assert head.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400"))
     error = json.loads(body)["error"]
     assert error["code"] == "header_too_large" and error["type"] == "invalid_request_error"
     assert_serving(server)
