@@ -40,6 +40,18 @@ from gymnb.wire import TOKEN_FIELDS, TOKEN_ID_PREFIX
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_CHARS = 1024
+INT32_MAX = 2**31 - 1
+# torch.Generator seeds and OpenAI's `seed` are 64-bit; vLLM takes the int64 range.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# apply_chat_template arguments that are not template variables: they swap the template (chat_template),
+# change what is returned (tokenize, return_dict, ...), or carry inputs that have request fields of their own
+# (tools) or that this server does not take (documents), so a client could put unchecked text in the prompt.
+# A request naming one is refused; `add_generation_prompt` is the server's to decide and is ignored.
+TEMPLATE_ARGUMENTS = frozenset({
+    "chat_template", "conversation", "messages", "tools", "documents", "continue_final_message", "tokenize",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs"})
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -93,8 +105,11 @@ def decode_tool_call(payload: str) -> dict | None:
             "function": {"name": obj["name"], "arguments": arguments}}
 
 
-def parse_chat_request(body, *, model_id: str) -> ChatRequest:
-    """Validate a chat-completions body; every fault is a RequestError naming the field."""
+def parse_chat_request(body, *, model_id: str, vocab_size: int | None = None) -> ChatRequest:
+    """Validate a chat-completions body; every fault is a RequestError naming the field.
+
+    `vocab_size` bounds top_k (int32 when not given). max_tokens past the context is clamped, not refused.
+    """
     body = require_object(body)
     check_model(body, model_id)
     if body.get("stream"):
@@ -104,12 +119,10 @@ def parse_chat_request(body, *, model_id: str) -> ChatRequest:
     tool_choice = body.get("tool_choice")
     if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
         raise RequestError("tool_choice must be a string or an object", param="tool_choice")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise RequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+    kwargs = parse_chat_template_kwargs(body.get("chat_template_kwargs"))
     logprobs, tokens_as_ids, return_token_ids = (
         read_bool(body, name) for name in ("logprobs", "return_tokens_as_token_ids", "return_token_ids"))
-    sampling = parse_sampling(body, logprobs)
+    sampling = parse_sampling(body, logprobs, vocab_size=vocab_size)
     return ChatRequest(messages=messages, tools=tools, chat_template_kwargs=kwargs,
                        required_prefix_token_ids=body.get("required_prefix_token_ids"), sampling=sampling,
                        parse_tools=bool(tools) and tool_choice != "none", logprobs=logprobs,
@@ -123,6 +136,22 @@ def read_bool(body: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
     return value
+
+
+def parse_chat_template_kwargs(kwargs) -> dict | None:
+    """Template variables only (e.g. `enable_thinking`); see TEMPLATE_ARGUMENTS for what is refused."""
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise RequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+    refused = sorted(TEMPLATE_ARGUMENTS.intersection(kwargs))
+    if refused:
+        raise RequestError(
+            f"chat_template_kwargs.{refused[0]} is not a template variable: chat_template_kwargs passes "
+            f"variables to the server's chat template and cannot replace the template or how it is applied "
+            f"(refused keys: {sorted(TEMPLATE_ARGUMENTS)}); send tools in `tools`",
+            param=f"chat_template_kwargs.{refused[0]}", code="invalid_chat_template_kwargs")
+    return kwargs
 
 
 def require_object(body) -> dict:
@@ -230,17 +259,19 @@ def parse_tools(tools) -> list[dict] | None:
     return out or None
 
 
-def parse_sampling(body: dict, logprobs: bool) -> SamplingParams:
+def parse_sampling(body: dict, logprobs: bool, *, vocab_size: int | None = None) -> SamplingParams:
     temperature = read_number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = read_number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
         raise RequestError("top_p must be in (0, 1]", param="top_p")
-    top_k = read_int(body, "top_k", -1, -1, None)
+    # Upper bounds keep every value inside the int64 tensors the batched sampling step builds: one row's
+    # overflow there would fail every row of its batch.
+    top_k = read_int(body, "top_k", -1, -1, vocab_size or INT32_MAX)
     n = read_int(body, "n", 1, 1, MAX_N)
-    max_tokens = read_int(body, "max_completion_tokens", None, 1, None)
+    max_tokens = read_int(body, "max_completion_tokens", None, 1, INT32_MAX)
     if max_tokens is None:
-        max_tokens = read_int(body, "max_tokens", None, 1, None)
-    seed = read_int(body, "seed", None, None, None)
+        max_tokens = read_int(body, "max_tokens", None, 1, INT32_MAX)
+    seed = read_int(body, "seed", None, *SEED_RANGE)
     top_logprobs = read_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
         raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -283,9 +314,10 @@ def parse_stop(stop) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 16 or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError("stop must be a non-empty string or a list of up to 16 non-empty strings",
-                           param="stop")
+    if not isinstance(stops, list) or len(stops) > 16 or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"stop must be a non-empty string or a list of up to 16 non-empty strings of at "
+                           f"most {MAX_STOP_CHARS} characters", param="stop")
     return stops
 
 

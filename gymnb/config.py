@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,26 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
+# Where every gymnb command (and a validation notebook's kernel) finds the policy server's API key when it is
+# not given as --api-key, which `ps` shows to every user of the machine.
+API_KEY_ENV = "GYMNB_API_KEY"
+
+
+def read_api_key(api_key: str | None = None, api_key_file: str | None = None) -> str | None:
+    """The API key from `api_key`, else the first line of `api_key_file`, else $GYMNB_API_KEY; None if unset."""
+    if api_key and api_key_file:
+        raise ConfigError("give the API key once: --api-key or --api-key-file, not both")
+    if api_key:
+        return api_key
+    if api_key_file:
+        try:
+            key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the API key file {api_key_file}: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"the API key file {api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def parse_overrides(overrides: Iterable[str]) -> list[str]:

@@ -66,6 +66,7 @@ class _Group:
         self.future: Future = Future()
         self.completions: list[Completion | None] = [None] * n
         self.remaining = n
+        self.started = False  # some row was admitted: a refit waits until the whole group is done
 
 
 @dataclasses.dataclass(eq=False)
@@ -159,11 +160,16 @@ class GenerationEngine:
         return len(self._queue)
 
     def update_weights(self, state_dict: dict) -> None:
-        """Wait until in-flight rows finish (new ones wait), load `state_dict`, resume; next rows see it."""
+        """Wait until in-flight requests finish (new ones wait), load `state_dict`, resume.
+
+        In flight means every row of a request that has any row admitted: a request with `n` larger than the
+        batch still has rows queued when its first rows finish, and all `n` choices (a GRPO group) must come
+        from one policy.
+        """
         with self._update_lock:
             with self._cond:
                 self._paused = True
-                self._cond.wait_for(lambda: self._num_active == 0 or self._closed)
+                self._cond.wait_for(lambda: not self._requests_in_flight() or self._closed)
             try:
                 with self._model_lock, torch.no_grad():
                     self.model.load_state_dict(state_dict)
@@ -172,6 +178,9 @@ class GenerationEngine:
                 with self._cond:
                     self._paused = False
                     self._cond.notify_all()
+
+    def _requests_in_flight(self) -> bool:
+        return self._num_active > 0 or any(row.group.started for row in self._queue)
 
     def close(self) -> None:
         with self._cond:
@@ -201,34 +210,52 @@ class GenerationEngine:
         batch = _Batch(self)
         while True:
             with self._cond:
-                while not (self._closed or batch.rows or (self._queue and not self._paused)):
+                while not (self._closed or batch.rows or self._admissible()):
                     self._cond.wait()
                 if self._closed:
                     self._fail_rows(list(self._queue) + batch.rows, ServerError("the engine was closed"))
                     return
-                newcomers = [] if self._paused else self._admit(batch)
+                newcomers = self._admit(batch, started_only=self._paused)
                 self._num_active = len(batch.rows) + len(newcomers)
             try:
                 with self._model_lock, torch.inference_mode():
-                    finished = batch.step(newcomers)
-            except Exception as exc:  # a bug or OOM: fail this batch, keep serving the next ones
+                    finished, failed = batch.step(newcomers)
+            except Exception as exc:  # a bug or OOM in the shared decode step: fail this batch, keep serving
                 log.exception("generation step failed")
                 self._fail_rows(batch.rows + newcomers, ServerError(f"generation failed: {exc}"))
                 batch = _Batch(self)
-                finished = []
+                finished, failed = [], []
+            for row, exc in failed:  # a row that failed alone fails its request only
+                log.error("generation failed for one request: %s: %s", type(exc).__name__, exc)
+                self._fail_rows([row], ServerError(f"generation failed for this request: {exc}"))
+            # the other rows of a failed request would be wasted work
+            batch.remove([row for row in batch.rows if row.group.future.done()])
             for row in finished:
                 self._finish_row(row)
             with self._cond:
                 self._num_active = len(batch.rows)
                 self._cond.notify_all()
 
-    def _admit(self, batch: _Batch) -> list[_Row]:
-        """Pop the waiting rows that fit the batch's row, cache and prefill budgets (FIFO, at least one)."""
+    def _admissible(self) -> bool:
+        """Whether a queued row may start: any, unless a refit is waiting; then only rows of started requests
+        (a request's rows are contiguous in the FIFO queue, so those are at its head)."""
+        return bool(self._queue) and (not self._paused or self._queue[0].group.started)
+
+    def _admit(self, batch: _Batch, *, started_only: bool = False) -> list[_Row]:
+        """Pop the waiting rows that fit the batch's row, cache and prefill budgets (FIFO, at least one).
+
+        `started_only` (a refit is waiting): only rows of requests that already have rows admitted.
+        """
         newcomers: list[_Row] = []
         width = batch.mask.shape[1] if batch.rows else 0
         prompt_width = 0
         while self._queue and len(batch.rows) + len(newcomers) < self.max_batch_size:
             row = self._queue[0]
+            if row.group.future.done():  # another row of this request failed
+                self._queue.popleft()
+                continue
+            if started_only and not row.group.started:
+                break
             # Looked up afresh at every attempt: a refit may have cleared the cache since the last one.
             reuse, row.cached = self.prefix_cache.lookup(row.prompt_ids)
             row.reuse = min(reuse, len(row.prompt_ids) - 1)  # the last prompt token is fed for its logits
@@ -239,6 +266,7 @@ class GenerationEngine:
             if rows > 1 and (cache_cells > self.max_batch_tokens or prefill_cells > self.max_prefill_tokens):
                 break
             prompt_width = max(prompt_width, uncached)
+            row.group.started = True
             newcomers.append(self._queue.popleft())
         return newcomers
 
@@ -277,22 +305,53 @@ class _Batch:
         self.mask: torch.Tensor | None = None  # (B, L) 1 = real token in the cache
         self.next_pos: torch.Tensor | None = None  # (B,) position id of each row's pending token
 
-    def step(self, newcomers: list[_Row]) -> list[_Row]:
-        finished = []
+    def step(self, newcomers: list[_Row]) -> tuple[list[_Row], list[tuple[_Row, Exception]]]:
+        """One step: admit `newcomers`, decode every row. Returns (finished rows, (row, error) that failed).
+
+        What depends on one request alone (its prompt's prefill, sampling under its parameters) fails that
+        row alone; the decode step is shared, and its failure propagates to the caller (whole batch).
+        """
+        finished, failed = [], []
         if newcomers:
-            logits = self._prefill(newcomers)  # (b, V)
-            finished += self._sample(newcomers, logits)
+            for rows, logits in self._prefill_isolated(newcomers, failed):
+                finished += self._sample(rows, logits, failed)
             self._drop(finished)
+            self.remove([row for row, _ in failed])  # a row without a sampled token cannot be decoded
         if self.rows:
             logits = self._decode()  # (B, V)
-            done = self._sample(self.rows, logits)
+            done = self._sample(self.rows, logits, failed)
             self._drop(done)
             finished += done
-        return finished
+            self.remove([row for row, _ in failed])
+        return finished, failed
 
-    def _prefill(self, newcomers: list[_Row]) -> torch.Tensor:
-        """Run the newcomers' uncached prompt suffixes in one left-padded batch; merge their KV in the batch.
+    def _prefill_isolated(self, newcomers: list[_Row], failed: list) -> list[tuple[list[_Row], torch.Tensor]]:
+        """Prefill the newcomers in one batch; if that fails, one by one, so only a row at fault fails.
 
+        The batch's own state changes only in `_merge`, after a prefill succeeded.
+        """
+        try:
+            groups = [(newcomers, self._prefill(newcomers))]
+        except Exception as exc:  # noqa: BLE001
+            if len(newcomers) == 1:
+                failed.append((newcomers[0], exc))
+                return []
+            groups = []
+            for row in newcomers:
+                try:
+                    groups.append(([row], self._prefill([row])))
+                except Exception as row_exc:  # noqa: BLE001
+                    failed.append((row, row_exc))
+        out = []
+        for rows, (logits, cache, mask, lengths) in groups:
+            self._merge(rows, cache, mask, lengths)
+            out.append((rows, logits))
+        return out
+
+    def _prefill(self, newcomers: list[_Row]):
+        """(last logits (b, V), cache, mask (b, C + S), lengths (b,)) of the newcomers' prompts.
+
+        Runs the newcomers' uncached prompt suffixes in one left-padded batch, for `_merge` into the batch.
         Layout of a newcomer's cache row: [pad | cached prefix | pad | suffix]. Padding in the middle is
         masked like padding on the left; positions come from each row's own token count, not from the column.
         """
@@ -312,8 +371,7 @@ class _Batch:
                          logits_to_keep=1)
         self.engine.stats["prefills"] += 1
         lengths = torch.tensor([len(r.prompt_ids) for r in newcomers], device=self.device)
-        self._merge(newcomers, out.past_key_values, mask, lengths)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float(), out.past_key_values, mask, lengths
 
     def _cached_prefixes(self, newcomers: list[_Row]) -> tuple[DynamicCache, torch.Tensor]:
         """A cache holding each newcomer's reused prefix right-aligned in C columns, and its (b, C) mask."""
@@ -361,12 +419,16 @@ class _Batch:
         return out.logits[:, -1, :].float()
 
     def _drop(self, finished: list[_Row]) -> None:
-        """Remove finished rows from the batch and trim cache columns that only padding uses any more."""
-        if not finished:
-            return
-        if self.engine.prefix_cache.max_bytes > 0:
+        """Remove finished rows from the batch, keeping their KV in the prefix cache."""
+        if finished and self.engine.prefix_cache.max_bytes > 0:
             self._store_prefixes(finished)
-        gone = set(map(id, finished))
+        self.remove(finished)
+
+    def remove(self, rows: list[_Row]) -> None:
+        """Remove rows from the batch and trim cache columns that only padding uses any more."""
+        gone = {id(r) for r in rows} & {id(r) for r in self.rows}
+        if not gone:
+            return
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
@@ -394,18 +456,27 @@ class _Batch:
             values = [layer.values[i][:, columns] for layer in self.cache.layers]
             self.engine.prefix_cache.store(ids, keys, values)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
-        """Sample one token per row, record it and its log-prob; return the rows that finished."""
-        tokens, chosen_lps, top = sample_tokens(rows, logits)
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, failed: list) -> list[_Row]:
+        """Sample one token per row, record it and its log-prob; return the rows that finished.
+
+        If the batched sampling fails, each row is sampled alone and the rows that fail go to `failed`.
+        """
+        try:
+            picks = [(row, sampled) for row, sampled in zip(rows, unbatch(sample_tokens(rows, logits)))]
+        except Exception:  # noqa: BLE001
+            picks = []
+            for i, row in enumerate(rows):
+                try:
+                    picks.append((row, next(unbatch(sample_tokens([row], logits[i:i + 1])))))
+                except Exception as exc:  # noqa: BLE001
+                    failed.append((row, exc))
         finished = []
-        for i, row in enumerate(rows):
-            token = int(tokens[i])
+        for row, (token, chosen_lp, top) in picks:
             row.out_ids.append(token)
-            row.out_lps.append(float(chosen_lps[i]))
+            row.out_lps.append(chosen_lp)
             if row.params.top_logprobs:
                 row.top = row.top or []
-                ids, values = top[1][i, : row.params.top_logprobs], top[0][i, : row.params.top_logprobs]
-                row.top.append([(int(t), float(v)) for t, v in zip(ids, values, strict=True)])
+                row.top.append(top[: row.params.top_logprobs])
             row.finish_reason = self._finish_reason(row, token)
             if row.finish_reason:
                 finished.append(row)
@@ -439,6 +510,14 @@ def sample_tokens(rows: list[_Row], logits: torch.Tensor):
     k = max(r.params.top_logprobs for r in rows)
     top = logprobs.topk(k, dim=-1) if k else None
     return tokens, chosen, top
+
+
+def unbatch(sampled):
+    """`sample_tokens` output -> per row (token, its log-prob, [(top id, top log-prob), ...] or [])."""
+    tokens, chosen_lps, top = sampled
+    tops = ([list(zip(ids.tolist(), values.tolist(), strict=True)) for values, ids in zip(*top, strict=True)]
+            if top is not None else [[] for _ in range(len(tokens))])
+    yield from zip(tokens.tolist(), chosen_lps.tolist(), tops, strict=True)
 
 
 def truncate_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -8,17 +8,26 @@
 Durability: each result is appended to the output JSONL as soon as it completes and flushed, so a killed run
 loses only rollouts in flight; `resume=True` reads the file back and runs only what is missing (a torn last line
 from a kill mid-write is dropped). Failed rollouts are data: written to the failures file with their error class,
-never a crashed batch. Only transient failures are retried, with exponential backoff: connection errors and
-HTTP 5xx. A 4xx (the row is malformed) fails the same way every time; a timeout is not retried either, since
-the agent may still be running the first attempt and a retry would double the load on a slow policy.
+never a crashed batch.
+
+Retries. A server that is down or restarting is waited for: connection errors, and 5xx answers that say an
+upstream server could not be reached (`upstream_unreachable`, 503), are retried with jittered exponential
+backoff until `retry_window` seconds (default 60, longer than a policy server restart) have passed since the
+rollout's first failure, and before each retry of a connection error the agent's URL is looked up again on the
+head server (a restarted environment comes back on new ports). Any other 5xx is a server error that most often
+repeats (each attempt being a full generation), so it is retried once, and the failure records the server's own
+error message. A 4xx (the row is malformed) fails the same way every time; a timeout is not retried either,
+since the agent may still be running the first attempt and a retry would double the load on a slow policy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +41,12 @@ from gymnb.wire import WireError, parse_head_config
 
 TASK_KEY, ROLLOUT_KEY = "_ng_task_index", "_ng_rollout_index"
 DEFAULT_TIMEOUT = 600.0  # seconds per /run attempt: a multi-step rollout on a CPU model can take minutes
+DEFAULT_RETRY_WINDOW = 60.0  # seconds a rollout waits for a down server: a policy server restart fits in it
+MAX_BACKOFF = 8.0  # seconds between two attempts at most, so a server that is back is found soon
+# Marks of a 5xx that only relays "could not reach the next server" (gymnb's code; aiohttp's and the OS's words
+# as other agents relay them): the stack is restarting, not failing.
+UNREACHABLE_MARKS = ("upstream_unreachable", "Cannot connect to host", "Connection refused",
+                     "ServerDisconnectedError", "ClientConnectorError")
 
 
 @dataclasses.dataclass
@@ -42,15 +57,22 @@ class RolloutRun:
 
 
 class RolloutFailure(Exception):
-    """One attempt failed. `error_class`: connection | timeout | http_4xx | http_5xx | bad_response."""
+    """One attempt failed. `error_class`: connection | timeout | http_4xx | http_5xx | bad_response.
 
-    def __init__(self, error_class: str, message: str, status: int | None = None):
+    `unreachable`: a 5xx relaying that a server further down could not be reached (retried like a connection
+    error); `root_cause`: the innermost error message the servers passed along.
+    """
+
+    def __init__(self, error_class: str, message: str, status: int | None = None, *,
+                 unreachable: bool = False, root_cause: str | None = None):
         super().__init__(message)
         self.error_class, self.status = error_class, status
+        self.unreachable, self.root_cause = unreachable, root_cause
 
     @property
-    def transient(self) -> bool:
-        return self.error_class in ("connection", "http_5xx")
+    def waits_for_restart(self) -> bool:
+        """Retried until the retry window closes: the server (or one behind it) is down, maybe restarting."""
+        return self.error_class == "connection" or self.unreachable
 
 
 def expand_rows(rows: list[dict], num_repeats: int = 1, overrides: dict | None = None,
@@ -156,7 +178,10 @@ async def run_rollout(http: aiohttp.ClientSession, agent_url: str, row: dict, ti
         raise RolloutFailure("connection", f"{type(exc).__name__}: {exc}") from None
     if status >= 400:
         kind = "http_5xx" if status >= 500 else "http_4xx"
-        raise RolloutFailure(kind, f"HTTP {status} from {agent_url}/run: {text[:500]}", status)
+        message = error_message(text)
+        unreachable = status == 503 or (status >= 500 and any(mark in text for mark in UNREACHABLE_MARKS))
+        raise RolloutFailure(kind, f"HTTP {status} from {agent_url}/run: {message}", status,
+                             unreachable=unreachable, root_cause=root_cause(message))
     try:
         result = json.loads(text)
     except json.JSONDecodeError:
@@ -166,19 +191,84 @@ async def run_rollout(http: aiohttp.ClientSession, agent_url: str, row: dict, ti
     return {**result, TASK_KEY: row[TASK_KEY], ROLLOUT_KEY: row[ROLLOUT_KEY]}
 
 
+def error_message(text: str, limit: int = 4000) -> str:
+    """The message of an error body: OpenAI's `error.message`, FastAPI's `detail`, or the text itself."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return text[:limit]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message") is not None:
+        return str(error["message"])[:limit]
+    if isinstance(body, dict) and body.get("detail") is not None:
+        return str(body["detail"])[:limit]
+    return text[:limit]
+
+
+def root_cause(message: str) -> str:
+    """The innermost error of a chain that each server prefixed with `... answered HTTP NNN: `."""
+    parts = message.rsplit("answered HTTP ", 1)
+    return parts[-1].split(": ", 1)[-1] if len(parts) == 2 else message
+
+
 async def run_with_retries(http, agent_url: str, row: dict, *, timeout: float, max_retries: int,
-                           backoff: float) -> tuple[dict | None, dict | None]:
-    """(result, None) or (None, failure record) after up to `max_retries` retries of transient failures."""
-    for attempt in range(max_retries + 1):
+                           backoff: float, retry_window: float = DEFAULT_RETRY_WINDOW,
+                           resolve=None) -> tuple[dict | None, dict | None]:
+    """(result, None) or (None, failure record); retries as the module docstring says.
+
+    `max_retries` bounds the retries of a server error (5xx); `resolve()`, when given, is awaited before a
+    retry of a connection error and returns the row's agent URL as the head server lists it now (or None).
+    """
+    first_failure, server_errors = None, 0
+    for attempt in itertools.count(1):
         try:
             return await run_rollout(http, agent_url, row, timeout), None
         except RolloutFailure as exc:
-            if not exc.transient or attempt == max_retries:
-                return None, {TASK_KEY: row[TASK_KEY], ROLLOUT_KEY: row[ROLLOUT_KEY],
-                              "error_class": exc.error_class, "status": exc.status, "message": str(exc),
-                              "attempts": attempt + 1}
-            # jittered exponential backoff: concurrent rollouts hitting one restarting server spread out
-            await asyncio.sleep(min(30.0, backoff * 2 ** attempt) * (0.5 + random.random() / 2))
+            first_failure = first_failure or time.monotonic()
+            delay = min(MAX_BACKOFF, backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            waited = time.monotonic() - first_failure
+            server_errors += exc.error_class == "http_5xx" and not exc.unreachable
+            retry = (exc.waits_for_restart and waited + delay <= retry_window) or (
+                exc.error_class == "http_5xx" and not exc.unreachable and server_errors <= max_retries)
+            if not retry:
+                return None, failure_record(row, exc, attempt, waited)
+            # jittered: concurrent rollouts hitting one restarting server spread out
+            await asyncio.sleep(delay)
+            if exc.error_class == "connection" and resolve is not None:
+                agent_url = await resolve() or agent_url
+
+
+def failure_record(row: dict, exc: RolloutFailure, attempts: int, waited: float) -> dict:
+    return {TASK_KEY: row[TASK_KEY], ROLLOUT_KEY: row[ROLLOUT_KEY], "error_class": exc.error_class,
+            "status": exc.status, "message": str(exc), "root_cause": exc.root_cause or str(exc),
+            "attempts": attempts, "retried_for_s": round(waited, 1)}
+
+
+class AgentDirectory:
+    """The head server's agent URLs, looked up again when an agent stops answering (it may have restarted on
+    other ports); concurrent rollouts share one lookup, and lookups are at most one per `min_interval` s."""
+
+    def __init__(self, http: aiohttp.ClientSession, head_url: str, urls: dict[str, str], min_interval: float = 1.0,
+                 default_agent: str | None = None):
+        self.http, self.head_url, self.urls, self.min_interval = http, head_url, urls, min_interval
+        self.default_agent = default_agent
+        self._lock = asyncio.Lock()
+        self._fetched_at = time.monotonic()
+
+    async def resolve(self, row: dict) -> str | None:
+        """The row's agent URL from a fresh head lookup; None while the head server is unreachable too."""
+        async with self._lock:
+            if time.monotonic() - self._fetched_at >= self.min_interval:
+                try:
+                    self.urls = await fetch_agent_urls(self.http, self.head_url)
+                except EnvironmentServerError:
+                    return None
+                finally:
+                    self._fetched_at = time.monotonic()
+        try:
+            return route_rows([row], self.urls, self.default_agent)[0]
+        except ConfigError:
+            return None
 
 
 def read_results(path: Path) -> list[dict]:
@@ -259,12 +349,15 @@ class RolloutSink:
 async def collect_rollouts(rows: list[dict], *, head_url: str, num_repeats: int = 1, concurrency: int = 8,
                            overrides: dict | None = None, out_path: str | Path | None = None,
                            failures_path: str | Path | None = None, metrics_path: str | Path | None = None,
-                           resume: bool = False, timeout: float = DEFAULT_TIMEOUT, max_retries: int = 3,
-                           backoff: float = 0.5, seed: int | None = None, progress: bool = True,
-                           threshold: float = 1.0, agent: str | None = None) -> RolloutRun:
+                           resume: bool = False, timeout: float = DEFAULT_TIMEOUT, max_retries: int = 1,
+                           backoff: float = 0.5, retry_window: float = DEFAULT_RETRY_WINDOW,
+                           seed: int | None = None, progress: bool = True, threshold: float = 1.0,
+                           agent: str | None = None) -> RolloutRun:
     """Run every row `num_repeats` times through its agent; see the module docstring.
 
-    `agent` names the agent instance for rows without an `agent_ref` (ng_collect_rollouts' `+agent_name`).
+    `max_retries`: retries of a server error (5xx); `retry_window`: seconds a rollout keeps retrying while a
+    server is unreachable. `agent` names the agent instance for rows without an `agent_ref`
+    (ng_collect_rollouts' `+agent_name`).
 
     `out_path` is replaced unless `resume`. Files default next to it: `<stem>.failures.jsonl` (rewritten each
     run: a resume retries failures) and `<stem>.metrics.json`. Without `out_path` nothing is written.
@@ -282,7 +375,9 @@ async def collect_rollouts(rows: list[dict], *, head_url: str, num_repeats: int 
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=0)  # our workers bound the concurrency
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
-        queue = list(zip(todo, route_rows(todo, await fetch_agent_urls(http, head_url), agent) if todo else []))
+        urls = await fetch_agent_urls(http, head_url) if todo else {}
+        directory = AgentDirectory(http, head_url, urls, default_agent=agent)
+        queue = list(zip(todo, route_rows(todo, urls, agent) if todo else []))
         queue.reverse()  # pop() from the end keeps aabbcc order
         sink = RolloutSink(done, len(expanded), out, failures_file, append=resume, progress=progress)
 
@@ -290,7 +385,8 @@ async def collect_rollouts(rows: list[dict], *, head_url: str, num_repeats: int 
             while queue:
                 row, url = queue.pop()
                 sink.add(*await run_with_retries(http, url, row, timeout=timeout, max_retries=max_retries,
-                                                 backoff=backoff))
+                                                 backoff=backoff, retry_window=retry_window,
+                                                 resolve=lambda row=row: directory.resolve(row)))
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(queue)))))
@@ -368,7 +464,10 @@ def build_parser():
     p.add_argument("--metrics", help="metrics JSON (default <out stem>.metrics.json)")
     p.add_argument("--seed", type=int, help="base sampling seed; rollout i gets seed + i")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per /run attempt")
-    p.add_argument("--max-retries", type=int, default=3, help="retries of connection errors and HTTP 5xx")
+    p.add_argument("--max-retries", type=int, default=1,
+                   help="retries of a server error (HTTP 5xx); each is a full generation, and most repeat")
+    p.add_argument("--retry-window", type=float, default=DEFAULT_RETRY_WINDOW,
+                   help="seconds a rollout keeps retrying while a server is down or restarting (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="responses_create_params.KEY=VALUE for every request (e.g. "
@@ -408,16 +507,21 @@ def main(argv: list[str]) -> int:
     options = {"num_repeats": args.num_repeats, "concurrency": args.concurrency,
                "overrides": request_overrides, "out_path": out, "failures_path": args.failures,
                "metrics_path": args.metrics, "resume": args.resume, "timeout": args.timeout,
-               "max_retries": args.max_retries, "seed": args.seed, "progress": not args.no_progress,
-               "agent": args.agent or env_agent(args.env)}
+               "max_retries": args.max_retries, "retry_window": args.retry_window, "seed": args.seed,
+               "progress": not args.no_progress, "agent": args.agent or env_agent(args.env)}
     with contextlib.ExitStack() as stack:
         head_url = args.gym or start_embedded_stack(stack, args.env, args.model, gym_overrides)
         run = collect_rollouts_sync(rows, head_url=head_url, **options)
     print(format_metrics(run.metrics))
     print(f"results: {out}")
     if run.failures:
-        print(f"failures: {len(run.failures)} (see {args.failures or out.with_suffix('.failures.jsonl')})")
-    return 1 if run.failures and not run.results else 0
+        # Non-zero whenever a rollout is missing: a script must not take a partial collection for a full one.
+        failures_file = args.failures or out.with_suffix(".failures.jsonl")
+        total = len(run.results) + len(run.failures)
+        print(f"FAILED: {len(run.failures)} of {total} rollouts failed (see {failures_file}); "
+              f"`gymnb collect --resume` with the same arguments runs only them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def env_agent(env: str | None) -> str | None:

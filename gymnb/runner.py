@@ -8,8 +8,10 @@ broken layer never hides the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from gymnb.checks.result import LAYERS, RESULTS_FILE
-from gymnb.config import REPO_ROOT
+from gymnb.config import API_KEY_ENV, REPO_ROOT
 from gymnb.errors import ConfigError, GymnbError
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks" / "validation"
@@ -190,20 +192,46 @@ def run_notebook(layer: str, run_dir: Path, parameters: dict, *, timeout: float 
     return NotebookRun(layer, out, executed, html_path, results, parameters, seconds)
 
 
+@contextlib.contextmanager
+def kernel_api_key(api_key: str | None):
+    """$GYMNB_API_KEY set for the kernels started inside (they inherit this process's environment).
+
+    The key goes to the kernels this way and never as a papermill parameter: parameters are written into the
+    executed notebook and its HTML, the files a report shares.
+    """
+    previous = os.environ.get(API_KEY_ENV)
+    if api_key:
+        os.environ[API_KEY_ENV] = api_key
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(API_KEY_ENV, None)
+        else:
+            os.environ[API_KEY_ENV] = previous
+
+
 def run_layers(run_dir: Path, parameters: dict[str, dict], *, timeout: float | None = None,
-               progress: bool = True) -> list[NotebookRun]:
-    """Run the given layers in order (`parameters`: layer -> its resolved parameters)."""
+               progress: bool = True, api_key: str | None = None) -> list[NotebookRun]:
+    """Run the given layers in order (`parameters`: layer -> its resolved parameters; `api_key` reaches the
+    kernels through the environment, see kernel_api_key)."""
     from tqdm.auto import tqdm
 
-    runs = []
     bar = tqdm(list(parameters), desc="validation layers", unit="notebook", disable=not progress)
-    for layer in bar:
-        bar.set_postfix_str(LAYERS[layer])
-        run = run_notebook(layer, run_dir, parameters[layer], timeout=timeout)
-        runs.append(run)
-        bar.write(f"{LAYERS[layer]:<20} {run.results['status'].upper():<5} {run.seconds:6.1f} s"
-                  + (f"  {run.results.get('reason', '')}" if not run.passed else ""))
+    with kernel_api_key(api_key):
+        runs = [run_one_layer(bar, layer, run_dir, parameters[layer], timeout) for layer in bar]
     return runs
+
+
+def run_one_layer(bar, layer: str, run_dir: Path, parameters: dict, timeout: float | None) -> NotebookRun:
+    if parameters.get("api_key"):
+        raise ConfigError("the API key must not be a notebook parameter (papermill writes parameters into the "
+                          f"executed notebook): pass run_layers(api_key=...) or set ${API_KEY_ENV}")
+    bar.set_postfix_str(LAYERS[layer])
+    run = run_notebook(layer, run_dir, parameters, timeout=timeout)
+    bar.write(f"{LAYERS[layer]:<20} {run.results['status'].upper():<5} {run.seconds:6.1f} s"
+              + (f"  {run.results.get('reason', '')}" if not run.passed else ""))
+    return run
 
 
 def raise_for_errors(runs: list[NotebookRun]) -> None:

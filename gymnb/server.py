@@ -2,7 +2,8 @@
 
 Endpoints (vLLM shapes; see gymnb.chat for the request schema):
     GET  /v1/models            {"object": "list", "data": [{"id": MODEL_ID, "max_model_len": ...}]}
-    GET  /health               {"status": "ok", "num_active", "num_waiting", "stats"} (needs no API key)
+    GET  /health               {"status": "ok"} for anyone; with the API key also "num_active", "num_waiting",
+                               "stats" (request and token counters)
     POST /v1/chat/completions  chat.completion; every choices[i].message has prompt_token_ids,
                                generation_token_ids, generation_log_probs
     POST /tokenize             {"messages", "tools"?, ...} or {"prompt": str}
@@ -24,14 +25,16 @@ In a notebook, test or trainer::
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import hmac
-import json
 import logging
 import signal
 import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
 from aiohttp import web
@@ -40,13 +43,15 @@ from gymnb.chat import (
     build_chat_response,
     check_model,
     parse_chat_request,
+    parse_chat_template_kwargs,
     parse_messages,
     parse_tools,
     require_object,
 )
+from gymnb.config import API_KEY_ENV, read_api_key
 from gymnb.engine import GenerationEngine
 from gymnb.errors import EnvironmentServerError, RequestError, ServerError
-from gymnb.gym.common import ServerLoop
+from gymnb.gym.common import ServerLoop, parse_json_body, read_body
 from gymnb.models import LoadedModel, list_presets, load_model
 from gymnb.splice import build_prompt_ids, check_token_ids, render_ids
 from gymnb.wire import TOKEN_FIELDS
@@ -65,6 +70,11 @@ FAULT_KEY = web.AppKey("fault", str)
 #                    (return_tokens_as_token_ids ignored), no token fields, no vLLM token_ids
 #   no-token-fields  a plain chat server: no token fields, no vLLM token ids, no logprobs
 FAULTS = ("no-splice", "token-text", "no-token-fields")
+API_KEY_KEY = web.AppKey("api_key", object)  # str | None
+# Rendering and tokenizing run on this one thread: off the event loop (a megabyte prompt must not stall
+# /health or other requests), and on one thread because a fast tokenizer is not thread-safe.
+TOKENIZE_EXECUTOR_KEY = web.AppKey("tokenize_executor", ThreadPoolExecutor)
+MAX_PROMPT_CHARS_KEY = web.AppKey("max_prompt_chars", int)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
@@ -87,25 +97,48 @@ async def handle_errors(request: web.Request, handler):
         return error_body(500, f"internal server error: {type(exc).__name__}: {exc}")
 
 
+def has_api_key(request: web.Request, api_key: str | None) -> bool:
+    """Whether the request carries `Authorization: Bearer <api_key>` (always true on a server without a key)."""
+    if api_key is None:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
 def require_api_key(api_key: str | None):
     @web.middleware
     async def check_key(request: web.Request, handler):
-        if api_key is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error_body(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
-                                  code="invalid_api_key")
+        if request.path != "/health" and not has_api_key(request, api_key):
+            return error_body(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
+                              code="invalid_api_key")
         return await handler(request)
 
     return check_key
 
 
 async def read_json(request: web.Request):
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    """The parsed body (gymnb.gym.common.parse_json_body), decoded on a worker thread: big bodies take a while."""
+    raw = await read_body(request)
+    return await asyncio.get_running_loop().run_in_executor(None, parse_json_body, raw)
+
+
+async def off_loop(request: web.Request, fn, *args):
+    """Run a rendering or tokenizing call on the app's tokenizer thread."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[TOKENIZE_EXECUTOR_KEY], fn, *args)
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters any one token stands for (its vocabulary string is at least as long as its text)."""
+    return max(map(len, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
+
+
+def check_prompt_chars(text: str, max_chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context whatever its tokenization, before spending time tokenizing it."""
+    if len(text) > max_chars:
+        raise RequestError(
+            f"{param} has {len(text):,} characters, more than the model's context can hold whatever the "
+            f"tokenization (at most {max_chars:,} characters); shorten it", param=param,
+            code="context_length_exceeded")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -116,28 +149,34 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE_KEY]
-    body = {"status": "ok", "num_active": engine.num_active, "num_waiting": engine.num_waiting,
-            "stats": dict(engine.stats)}
+    """Liveness for anyone; the load counters only for holders of the API key (they describe the traffic)."""
+    body = {"status": "ok"}
+    if has_api_key(request, request.app[API_KEY_KEY]):
+        engine = request.app[ENGINE_KEY]
+        body.update(num_active=engine.num_active, num_waiting=engine.num_waiting, stats=dict(engine.stats))
     return web.json_response(body)
 
 
 async def chat_completions(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    chat = parse_chat_request(await read_json(request), model_id=model_id)
-    prompt_ids = request_prompt_ids(request.app, chat.messages, chat.tools, chat.chat_template_kwargs,
-                                    chat.required_prefix_token_ids)
+    body = await read_json(request)
+    # Checking a long conversation is Python work too: off the loop (not on the tokenizer thread: no tokenizer)
+    chat = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+        parse_chat_request, body, model_id=model_id, vocab_size=engine.vocab_size))
+    prompt_ids = await off_loop(request, request_prompt_ids, request.app, chat.messages, chat.tools,
+                                chat.chat_template_kwargs, chat.required_prefix_token_ids)
     fault = request.app[FAULT_KEY]
     if fault in ("token-text", "no-token-fields"):
         chat.tokens_as_ids = chat.return_token_ids = False
         chat.logprobs = chat.logprobs and fault == "token-text"
     completions = await engine.generate(prompt_ids, chat.sampling)
-    response = build_chat_response(chat, model_id, prompt_ids, completions, engine.tokenizer)
+    body = await off_loop(request, build_chat_response, chat, model_id, prompt_ids, completions,
+                          engine.tokenizer)
     if fault in ("token-text", "no-token-fields"):
-        for choice in response["choices"]:
+        for choice in body["choices"]:
             for name in TOKEN_FIELDS:
                 choice["message"].pop(name)
-    return web.json_response(response)
+    return web.json_response(body)
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -148,16 +187,16 @@ async def tokenize(request: web.Request) -> web.Response:
         add_generation_prompt = body.get("add_generation_prompt", True)
         if not isinstance(add_generation_prompt, bool):
             raise RequestError("add_generation_prompt must be a boolean", param="add_generation_prompt")
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise RequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+        kwargs = parse_chat_template_kwargs(body.get("chat_template_kwargs"))
         messages, tools = parse_messages(body["messages"]), parse_tools(body.get("tools"))
         prefix = body.get("required_prefix_token_ids")
-        tokens = request_prompt_ids(request.app, messages, tools, kwargs, prefix,
-                                    add_generation_prompt=add_generation_prompt)
+        tokens = await off_loop(request, functools.partial(request_prompt_ids, add_generation_prompt=(
+            add_generation_prompt)), request.app, messages, tools, kwargs, prefix)
     elif isinstance(body.get("prompt"), str):
+        check_prompt_chars(body["prompt"], request.app[MAX_PROMPT_CHARS_KEY], "prompt")
         add_special = body.get("add_special_tokens", True)
-        tokens = engine.tokenizer.encode(body["prompt"], add_special_tokens=bool(add_special))
+        tokens = await off_loop(request, functools.partial(
+            engine.tokenizer.encode, add_special_tokens=bool(add_special)), body["prompt"])
     else:
         raise RequestError("send either `messages` (a chat) or `prompt` (a string)", param="messages")
     return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
@@ -171,11 +210,12 @@ def request_prompt_ids(app: web.Application, messages, tools, chat_template_kwar
     then does what a plain chat server does, re-rendering and re-tokenizing the whole history, which takes a
     multi-turn rollout off-policy wherever the generated ids do not survive that round trip.
     """
-    tokenizer = app[ENGINE_KEY].tokenizer
+    tokenizer, max_chars = app[ENGINE_KEY].tokenizer, app[MAX_PROMPT_CHARS_KEY]
     if not app[SPLICE_KEY]:
-        return render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt)
+        return render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt,
+                          max_chars=max_chars)
     return build_prompt_ids(tokenizer, messages, tools, chat_template_kwargs, required_prefix_token_ids,
-                            add_generation_prompt=add_generation_prompt)
+                            add_generation_prompt=add_generation_prompt, max_chars=max_chars)
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -183,7 +223,7 @@ async def detokenize(request: web.Request) -> web.Response:
     body = require_object(await read_json(request))
     check_model(body, model_id)
     check_token_ids(body.get("tokens"), "tokens", engine.vocab_size)
-    return web.json_response({"prompt": engine.tokenizer.decode(body["tokens"])})
+    return web.json_response({"prompt": await off_loop(request, engine.tokenizer.decode, body["tokens"])})
 
 
 def make_app(engine: GenerationEngine, model_id: str, api_key: str | None = None, *,
@@ -198,12 +238,20 @@ def make_app(engine: GenerationEngine, model_id: str, api_key: str | None = None
     app[MODEL_ID_KEY] = model_id
     app[SPLICE_KEY] = splice and fault != "no-splice"
     app[FAULT_KEY] = fault or ""
+    app[API_KEY_KEY] = api_key
+    app[TOKENIZE_EXECUTOR_KEY] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gymnb-tokenize")
+    app[MAX_PROMPT_CHARS_KEY] = engine.max_model_len * max_token_chars(engine.tokenizer)
+    app.on_cleanup.append(shutdown_executor)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     return app
+
+
+async def shutdown_executor(app: web.Application) -> None:
+    app[TOKENIZE_EXECUTOR_KEY].shutdown(wait=False, cancel_futures=True)
 
 
 class PolicyServer:
@@ -296,7 +344,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-id", default=None, help="served model name (default: the --model value)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (visible in `ps`: "
+                                                        f"prefer --api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH", help="file holding the API key")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -310,17 +360,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fault", choices=FAULTS, default=None,
                         help="FAULT for demos and conformance tests (see gymnb.server.FAULTS)")
     args = parser.parse_args(argv)
+    api_key = read_api_key(args.api_key, args.api_key_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PolicyServer.start(
         args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
-        api_key=args.api_key,
+        api_key=api_key,
         dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
         prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice, fault=args.fault)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        wait_until_ready(server.url, args.api_key)
+        wait_until_ready(server.url, api_key)
         print(f"gymnb serve: {server.model_id} ready at {server.url} (OpenAI base_url {server.base_url})",
               flush=True)
         while not stop.wait(0.5):

@@ -34,14 +34,17 @@ def build_prompt_ids(
     required_prefix_token_ids: list[int] | None = None,
     *,
     add_generation_prompt: bool = True,
+    max_chars: int | None = None,
 ) -> list[int]:
     """Prompt ids for a chat request, with the model's own earlier ids spliced in (see module docstring).
 
     Raises RequestError (HTTP 400) for token fields that are partial, mistyped or out of vocabulary, and when
-    the splice cannot find its anchor; the message then shows both id lists decoded.
+    the splice cannot find its anchor; the message then shows both id lists decoded. `max_chars`: see
+    render_ids.
     """
     anchor, model_prefix = find_model_prefix(messages, required_prefix_token_ids, vocab_size=len(tokenizer))
-    template_ids = render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt)
+    template_ids = render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt,
+                              max_chars=max_chars)
     if model_prefix is None:
         return template_ids
     prefix_ids = render_ids(tokenizer, messages[: anchor + 1], tools, chat_template_kwargs, False)
@@ -137,8 +140,13 @@ def check_token_ids(ids, param: str, vocab_size: int) -> None:
                            param=param, code="invalid_token_ids")
 
 
-def render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt: bool) -> list[int]:
-    """Chat template -> text -> ids, as vLLM's chat path does (the template writes the special tokens)."""
+def render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_prompt: bool, *,
+               max_chars: int | None = None) -> list[int]:
+    """Chat template -> text -> ids, as vLLM's chat path does (the template writes the special tokens).
+
+    `max_chars`: refuse (400, context_length_exceeded) a rendering longer than this before tokenizing it: the
+    server passes the most characters its context can hold, so megabytes of text are refused at once.
+    """
     kwargs = dict(chat_template_kwargs or {})
     kwargs.pop("add_generation_prompt", None)  # ours decides: the splice needs both renderings
     try:
@@ -149,6 +157,11 @@ def render_ids(tokenizer, messages, tools, chat_template_kwargs, add_generation_
         # Templates reject some conversations on purpose (raise_exception); that is the client's fault.
         raise RequestError(f"the chat template could not render these messages: {exc}", param="messages",
                            code="template_error") from None
+    if max_chars is not None and len(text) > max_chars:
+        raise RequestError(
+            f"the conversation renders to {len(text):,} characters, more than the model's context can hold "
+            f"whatever the tokenization (at most {max_chars:,} characters); shorten the conversation",
+            param="messages", code="context_length_exceeded")
     return tokenizer.encode(text, add_special_tokens=False)
 
 

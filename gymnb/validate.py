@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gymnb.checks.integration import ENVIRONMENTS, Integration, connect
 from gymnb.checks.result import LAYERS
-from gymnb.config import REPO_ROOT
+from gymnb.config import API_KEY_ENV, REPO_ROOT, read_api_key
 from gymnb.errors import ConfigError
 from gymnb.models import DEFAULT_MODEL
 from gymnb.report import write_report
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env", default="math_with_judge", choices=ENVIRONMENTS,
                         help="environment to collect rollouts from (default: math_with_judge, short prompts; "
                              "workplace_assistant gives multi-turn tool-calling rollouts if the policy calls tools)")
-    parser.add_argument("--api-key", default="", help="bearer token of the policy server, if it needs one")
+    parser.add_argument("--api-key", default="", help="bearer token of the policy server, if it needs one "
+                                                      f"(visible in `ps`: prefer --api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", default=None, metavar="PATH", help="file holding the bearer token")
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                         help="notebook parameter, e.g. -p num_rows=8 -p model=smollm2-135m (repeatable)")
     parser.add_argument("--out", default="", metavar="DIR",
@@ -88,11 +90,6 @@ def check_parameter_keys(params: dict) -> None:
             raise ConfigError(f"set {key} with {flag}, not -p {key}=...")
 
 
-def redact(params: dict) -> dict:
-    """Parameters as shown in the report: an API key never lands in a shareable file."""
-    return {k: ("***" if k == "api_key" and v else v) for k, v in params.items()}
-
-
 def open_integration(args, layers: list[str], model: str) -> Integration:
     """Connect to (or start) what the selected layers talk to; layers 02 and 05 alone need no server."""
     if not set(layers) & POLICY_LAYERS:
@@ -106,6 +103,7 @@ def open_integration(args, layers: list[str], model: str) -> Integration:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    args.api_key = read_api_key(args.api_key, args.api_key_file) or ""
     if args.list_parameters:
         print(list_parameters())
         return 0
@@ -121,15 +119,16 @@ def main(argv: list[str]) -> int:
     integration = open_integration(args, layers, model)
     embedded = integration.embedded  # before stop() empties it
     try:
+        # No api_key parameter: the kernels get the key through the environment (see runner.kernel_api_key).
         shared = {"base_url": integration.base_url, "gym_head_url": integration.head_url or "", "env": args.env,
-                  "api_key": args.api_key, "model": model}
+                  "model": model}
         resolved = resolve_parameters(layers, user_params, shared)
-        runs = run_layers(run_dir, resolved, timeout=args.timeout)
+        runs = run_layers(run_dir, resolved, timeout=args.timeout, api_key=integration.api_key)
     finally:
         integration.stop()
     record = {"base_url": integration.base_url, "gym_head_url": integration.head_url, "env": args.env,
               "model": model, "model_id": integration.model_id, "embedded": embedded,
-              "layers": {run.layer: redact(run.parameters) for run in runs}}
+              "layers": {run.layer: run.parameters for run in runs}}
     index, _ = write_report(run_dir, runs, record, run_id=run_dir.name)
     failed = [run for run in runs if not run.passed]
     verdict = "all layers passed" if not failed else f"{len(failed)} of {len(runs)} layers failed"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 
+from gymnb.config import API_KEY_ENV
 from gymnb.errors import ServerError
 
 
@@ -38,6 +40,7 @@ def request_json(method: str, url: str, body: object = None, *, api_key: str = "
     """Send one request; any HTTP status comes back as a reply, an unreachable server raises ServerError."""
     data = raw_body if raw_body is not None else (None if body is None else json.dumps(body).encode())
     headers = {"Content-Type": "application/json"}
+    api_key = api_key or os.environ.get(API_KEY_ENV, "")  # how `gymnb validate` hands the key to a kernel
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)

@@ -13,10 +13,11 @@ import atexit
 import dataclasses
 import html
 import json
+import os
 from pathlib import Path
 
 from gymnb.checks.http import request_json, root_url
-from gymnb.config import REPO_ROOT
+from gymnb.config import API_KEY_ENV, REPO_ROOT
 from gymnb.errors import ConfigError, EnvironmentServerError, ServerError
 from gymnb.models import DEFAULT_MODEL
 from gymnb.wire import WireError, parse_head_config
@@ -32,7 +33,7 @@ class Integration:
     base_url: str  # policy server root (no /v1)
     head_url: str | None
     model_id: str
-    api_key: str = ""
+    api_key: str = dataclasses.field(default="", repr=False)  # a notebook shows repr() in a shareable file
     started: list = dataclasses.field(default_factory=list)  # objects with .stop(), last started first stopped
 
     @property
@@ -89,9 +90,11 @@ def connect(base_url: str = "", gym_head_url: str = "", *, model: str = DEFAULT_
         if env not in ENVIRONMENTS:
             raise ConfigError(f"unknown environment {env!r}; choose from {list(ENVIRONMENTS)}")
     started = []
+    api_key = api_key or os.environ.get(API_KEY_ENV, "")  # set by `gymnb validate`: never a notebook parameter
     try:
         if not base_url and gym_head_url:
-            base_url, model_id, api_key = policy_from_head(gym_head_url)
+            base_url, model_id, served_key = policy_from_head(gym_head_url)
+            api_key = api_key or served_key  # gymnb's head serves none; a NeMo Gym head may
             model_id = model_id or served_model_id(base_url, api_key)
         elif base_url:
             base_url = root_url(base_url)

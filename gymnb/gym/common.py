@@ -13,7 +13,8 @@ What a resources server needs, in the order it uses them:
   middleware answers `{"error": {"message", "type", "param", "code"}}` with that status. Unknown routes give
   404 in the same shape, and an unexpected exception gives 500 in the same shape: a client's fault never kills
   the server. `json_error(...)` builds such a response directly.
-- Input. `await read_json(request)` returns the body as a dict (400 if not JSON, 422 if not an object);
+- Input. `await read_json(request)` returns the body as a dict (400 if not JSON, nested deeper than
+  MAX_JSON_DEPTH or holding lone surrogates, 408 if it stalls, 422 if not an object);
   `require_fields(body, {"question": str, ...})` raises 422 naming the first missing or mistyped field.
 - Rows. `check_row(body)` checks a dataset row's `responses_create_params` as NeMo Gym does (an object with
   `input`; unknown keys rejected): 422 naming the field. `check_verify_body(body)` also checks `response`.
@@ -32,6 +33,7 @@ import asyncio
 import collections
 import json
 import logging
+import re
 import socket
 import threading
 import traceback
@@ -39,7 +41,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import LineTooLong
 
 from gymnb.errors import EnvironmentServerError, RequestError
 
@@ -148,12 +151,94 @@ class SessionStore:
         return len(self._states)
 
 
-async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object; 400 if it is not JSON, 422 if it is not an object."""
+MAX_JSON_DEPTH = 100  # far past any real request (tool schemas nest ~10), far below Python's recursion limit
+# aiohttp keeps an idle connection, or one whose client stalls before finishing its headers, for an hour by
+# default: a few hundred stalled clients would hold as many sockets. Clients pool connections for less (aiohttp
+# 15 s, httpx 5 s), so closing after 30 idle seconds costs them nothing.
+KEEPALIVE_TIMEOUT = 30.0
+BODY_READ_TIMEOUT = 120.0  # seconds for a body to arrive: a stalled client does not hold a handler forever
+_SCALARS = frozenset({int, float, bool, type(None), str})
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def parse_json_body(raw: bytes):
+    """Decode a request body: 400 (`invalid_json`) for what is not JSON a server can work with.
+
+    Refused besides syntax errors: bytes that are not UTF-8, nesting deeper than MAX_JSON_DEPTH (Python's
+    parser and every recursive consumer after it would raise RecursionError), and lone surrogates such as
+    `"\\ud800"` (valid JSON escapes that no UTF-8 encoder, tokenizer or response writer accepts).
+    """
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json", status=400) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request body is not UTF-8: {exc}", code="invalid_json") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
+                           code="invalid_json") from None
+    check_json_value(body, strings=_SURROGATE_ESCAPE.search(text) is not None)
+    return body
+
+
+def check_json_value(body, *, strings: bool) -> None:
+    """Depth bound and (when `strings`) no lone surrogate in any key or string; iterative, so no recursion."""
+    if isinstance(body, str) and strings and not is_utf8(body):
+        raise RequestError("the request body is a string holding a lone UTF-16 surrogate", code="invalid_json")
+    stack = [(body, 1, "body")] if isinstance(body, (dict, list)) else []
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels (at "
+                               f"{path[:60]}...)", code="invalid_json")
+        if isinstance(value, list) and _SCALARS.issuperset(map(type, value)) and not (strings and str in
+                                                                                       set(map(type, value))):
+            continue  # a list of numbers (token ids, log-probs): nothing to check, skipped at C speed
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if strings:
+                for text in (key, item):
+                    if isinstance(text, str) and not is_utf8(text):
+                        where = json_path(path, key)
+                        raise RequestError(f"{where} holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), which "
+                                           f"is not text: send valid Unicode", param=where, code="invalid_json")
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, json_path(path, key)))
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_path(path: str, key) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, or 408 when the client stops sending it (slow-loris clients would hold the handler)."""
+    try:
+        return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {BODY_READ_TIMEOUT:g} s",
+                           code="request_timeout", status=408) from None
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object; 400 if it is not JSON (see parse_json_body), 422 if not an object.
+
+    Big bodies are decoded on a worker thread so the event loop keeps answering other requests.
+    """
+    raw = await read_body(request)
+    if len(raw) < 65536:
+        body = parse_json_body(raw)
+    else:
+        body = await asyncio.get_running_loop().run_in_executor(None, parse_json_body, raw)
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}", status=422)
     return body
@@ -206,10 +291,68 @@ def check_row(body: dict) -> None:
 
 
 def check_verify_body(body: dict) -> None:
-    """`check_row` plus a `response` object holding an `output` list."""
+    """`check_row` plus a `response` object holding an `output` list of Responses output items."""
     check_row(body)
     require_fields(body, {"response": dict})
     require_fields(body["response"], {"output": list}, prefix="response.")
+    for i, item in enumerate(body["response"]["output"]):
+        check_output_item(item, f"response.output[{i}]")
+
+
+def check_output_item(item: Any, path: str) -> None:
+    """422 naming the field unless `item` is an output item object (a `type`; a message's text parts as text)."""
+    if not isinstance(item, dict):
+        raise RequestError(f"{path} must be an object (a Responses output item), got {type(item).__name__}",
+                           param=path, code="invalid_type", status=422)
+    require_fields(item, {"type": str}, prefix=f"{path}.")
+    if item["type"] == "message":
+        content = item.get("content") or []
+        if not isinstance(content, list):
+            raise RequestError(f"{path}.content must be a list of content parts", param=f"{path}.content",
+                               code="invalid_type", status=422)
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
+                raise RequestError(f"{path}.content[{j}] must be an object whose `text` is a string",
+                                   param=f"{path}.content[{j}]", code="invalid_type", status=422)
+    for name in ("name", "arguments"):
+        if item["type"] == "function_call" and not isinstance(item.get(name), str):
+            raise RequestError(f"{path}.{name} of a function_call must be a string", param=f"{path}.{name}",
+                               code="invalid_type", status=422)
+
+
+class OpenAIErrorHandler(web_protocol.RequestHandler):
+    """aiohttp answers a request it cannot parse (a header past 8 KiB, a broken request line) itself, before
+    any app code runs, in plain text; this gives those answers the OpenAI error shape every other error has."""
+
+    __slots__ = ()  # the same layout as RequestHandler, so an instance of it can take this class
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent yet
+        if isinstance(exc, LineTooLong):
+            response = json_error(f"a request line or header is longer than the server accepts (8190 bytes): "
+                                  f"{exc.message}", status=status, code="header_too_large")
+        else:
+            response = json_error(f"{plain.reason}: {message or exc or 'the request could not be parsed'}",
+                                  status=status)
+        response.force_close()
+        return response
+
+
+class OpenAIErrorSite(web.SockSite):
+    """A SockSite whose connections answer unparsable requests with OpenAI-style bodies (OpenAIErrorHandler)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+
+        def protocol() -> web_protocol.RequestHandler:
+            handler = server()
+            handler.__class__ = OpenAIErrorHandler
+            return handler
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock,
+                                                                      backlog=self._backlog)
 
 
 class ServerLoop:
@@ -238,9 +381,9 @@ class ServerLoop:
             sock.close()
             raise EnvironmentServerError(f"cannot listen on {host}:{port}: {exc}; choose another port "
                                          "(or 0 for a free one)") from None
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
         await runner.setup()
-        await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+        await OpenAIErrorSite(runner, sock, shutdown_timeout=1.0).start()
         self._runners.append(runner)
         return f"http://{host}:{sock.getsockname()[1]}"
 

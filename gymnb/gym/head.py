@@ -9,6 +9,7 @@
 
 The config served carries each instance's real host and port (free ports are filled in once bound) and
 `head_server: {host, port}`, so `get_first_server_config_dict(config, name)` style lookups work unchanged.
+Credentials (`policy_api_key`, every `api_key`) are served as null: anyone who reaches the port can read it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from gymnb.gym.common import make_server_app
 from gymnb.gym.config import dump_yaml
 
 STATE_KEY = web.AppKey("gymnb_head_state", dict)
+# Config keys whose values are credentials: the head answers anyone who can reach it, so it serves them as
+# null. Clients that need the policy's key get it from their own configuration (--api-key-file, $GYMNB_API_KEY).
+SECRET_KEYS = frozenset({"policy_api_key", "api_key"})
+
+
+def redact_secrets(value):
+    """A copy of a config with every SECRET_KEYS value set to None."""
+    if isinstance(value, dict):
+        return {k: None if k in SECRET_KEYS else redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
 
 
 def make_app(config: dict, server_instances: list[dict]) -> web.Application:
@@ -29,7 +42,7 @@ def make_app(config: dict, server_instances: list[dict]) -> web.Application:
     app[STATE_KEY] = {"config": config, "server_instances": server_instances}
 
     async def global_config_dict_yaml(request: web.Request) -> web.Response:
-        text = dump_yaml(request.app[STATE_KEY]["config"])
+        text = dump_yaml(redact_secrets(request.app[STATE_KEY]["config"]))
         return web.Response(text=json.dumps(text), content_type="application/json")
 
     async def get_server_instances(request: web.Request) -> web.Response:

@@ -32,6 +32,7 @@ from typing import Self
 
 import aiohttp
 
+from gymnb.config import API_KEY_ENV, read_api_key
 from gymnb.errors import ConfigError, EnvironmentServerError
 from gymnb.gym import head
 from gymnb.gym.common import ServerLoop
@@ -165,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy-base-url", required=True, action="append", metavar="URL",
                     help="OpenAI-style base URL of the policy, ending in /v1 (repeat for several endpoints)")
     up.add_argument("--policy-model", default=None, metavar="ID", help="model id (default: first of GET /models)")
-    up.add_argument("--policy-api-key", default=None, metavar="KEY", help="bearer token for the policy endpoint")
+    up.add_argument("--policy-api-key", default=None, metavar="KEY",
+                    help=f"bearer token for the policy endpoint (visible in `ps`: prefer --policy-api-key-file or "
+                         f"${API_KEY_ENV})")
+    up.add_argument("--policy-api-key-file", default=None, metavar="PATH", help="file holding that token")
     up.add_argument("--head-port", type=int, default=DEFAULT_HEAD_PORT,
                     help=f"head server port (default {DEFAULT_HEAD_PORT}, NeMo Gym's; 0 = a free port)")
     up.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -179,9 +183,10 @@ def main(argv: list[str]) -> int:
         print("\n".join(list_envs()))
         return 0
     base_urls = args.policy_base_url
-    model = args.policy_model or discover_model_id(base_urls[0], args.policy_api_key)
+    api_key = read_api_key(args.policy_api_key, args.policy_api_key_file)
+    model = args.policy_model or discover_model_id(base_urls[0], api_key)
     stack = start_gym(args.env, policy_base_url=base_urls[0] if len(base_urls) == 1 else base_urls,
-                      policy_model_name=model, policy_api_key=args.policy_api_key, overrides=args.overrides,
+                      policy_model_name=model, policy_api_key=api_key, overrides=args.overrides,
                       head_port=args.head_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
