@@ -164,3 +164,27 @@ def test_lr_schedule_warmup_then_decay():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_step_at_lr_0_reproduces_the_servers_log_probs_with_dropout_in_the_model(tokenizer):
+    """The server samples in eval mode; a trainer left in train mode would see dropout's noise instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
+    model = LlamaForCausalLM(config).eval()
+    batch = make_batch()
+    with torch.no_grad():  # the server's generation_log_probs: the same weights, eval mode
+        for seq in batch.sequences:
+            ids = torch.tensor([seq.token_ids])
+            served = compute_token_logprobs(model, ids, torch.ones_like(ids), 1.0)[0]
+            seq.generation_log_probs = [lp if t else 0.0 for lp, t in zip(served.tolist(), seq.trainable)]
+    opt_cfg = OptimizerSection(lr=0.0, micro_batch_size=2)
+    optimizer = make_optimizer(model, opt_cfg)
+    metrics = train_step(model, optimizer, make_scheduler(optimizer, opt_cfg, max_steps=1), batch,
+                         micro_batch_size=2, temperature=1.0, pad_token_id=0, loss_cfg=LossSection(),
+                         max_grad_norm=1.0)
+    assert metrics["train/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["train/max_abs_logprob_diff"] < 1e-4
+    assert metrics["train/grad_norm"] > 0

@@ -75,8 +75,13 @@ def accumulate_gradients(model, batch: TrainBatch, *, micro_batch_size: int, tem
 
 def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_size: int, temperature: float,
                pad_token_id: int, loss_cfg, max_grad_norm: float, reference_model=None) -> dict[str, float]:
-    """One optimizer step on `batch`; returns step metrics (token means, grad norm, lr)."""
-    model.train()
+    """One optimizer step on `batch`; returns step metrics (token means, grad norm, lr).
+
+    The loss is computed in eval mode (dropout off), as the server computes generation log-probs: with
+    dropout on, the trainer's log-probs differ from the policy that sampled, and token_mult_prob_error
+    reads above 1 at learning rate 0. Gradients flow the same in either mode.
+    """
+    model.eval()
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
     sums = accumulate_gradients(model, batch, micro_batch_size=micro_batch_size, temperature=temperature,
@@ -90,7 +95,6 @@ def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_si
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    model.eval()
     metrics = summarize_step(sums, grad_norm, lr)
     metrics["timing/forward_backward_s"] = forward_backward_s
     metrics["timing/optimizer_s"] = time.perf_counter() - started - forward_backward_s  # clip + AdamW
