@@ -144,6 +144,29 @@ def test_next_turn_reuses_cached_kv_and_matches_model(loaded):
         engine.close()
 
 
+def test_admission_counts_the_width_the_prefill_lays_out(loaded):
+    """A prefix-reusing turn next to a fresh long prompt: together they would be laid out as
+    2 x (reused prefix + fresh prompt) cells, past max_batch_tokens; they must be prefilled apart."""
+    engine = GenerationEngine(loaded, max_batch_tokens=600)
+    widths = []  # rows x columns of every attention mask the model is given: the KV the batch lays out
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["attention_mask"].numel()), with_kwargs=True)
+    try:
+        first = loaded.tokenizer.encode("a long history of tool calls " * 50)[:245]
+        fresh = loaded.tokenizer.encode("an unrelated question, asked at length " * 50)[:250]
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        (turn1,) = engine.submit(first, params).result()
+        second = first + turn1.token_ids + loaded.tokenizer.encode(" next")  # reuses 254 cached tokens
+        prefills = engine.stats["prefills"]
+        widths.clear()
+        engine.generate_batch([second, fresh], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        assert engine.stats["prefills"] - prefills == 2
+        assert max(widths) <= 600, widths  # one prefill of both: 2 x 505 = 1010 cells
+    finally:
+        hook.remove()
+        engine.close()
+
+
 def test_prefix_cache_supersedes_and_evicts():
     from gymnb.prefix_cache import PrefixCache
 
