@@ -55,7 +55,7 @@ def test_math_notebook_runs_training_then_scores_it_as_an_external_run(scripted_
 
     external = execute("math_dapo17k_aime24.ipynb", tmp_path / "external", mode="external", scale="cpu",
                        external_metrics=str(run_dir / "metrics.jsonl"),
-                       external_checkpoint=str(run_dir / "final"), external_base_checkpoint=scripted_math_model,
+                       external_checkpoint=str(run_dir / "final"), external_base_checkpoint=str(scripted_math_model),
                        eval_split=str(rows_file), eval_max_new_tokens=8)
     assert external["mode"] == "external" and external["num_steps"] == 2
     assert external["evaluated"]["after_samples"]["num_prompts"] == len(QUESTIONS)
