@@ -210,8 +210,8 @@ def _check(name, status, value, required, interval=None, detail=None, source="gy
 
 
 def format_verdict(verdict: dict) -> str:
-    lines = [f"{verdict['benchmark']} ({verdict['scale']}): {'CRITERIA ' if verdict['passed'] else ''}"
-             f"{verdict['status'].upper()}"]
+    headline = "CRITERIA MET" if verdict["passed"] else verdict["status"].upper()
+    lines = [f"{verdict['benchmark']} ({verdict['scale']}): {headline}"]
     marks = {MET: "x", NOT_MET: " ", NOT_VERIFIED: "?"}
     for c in verdict["checks"]:
         value = f"{c['value']:.6g}" if isinstance(c["value"], float) else str(c["value"])

@@ -131,10 +131,8 @@ def test_external_servers_model_is_found_from_its_model_id(served_as, tiny_model
 
 
 def test_external_server_with_an_unknown_model_id_needs_the_model_named(served_as, tmp_path):
-    with served_as("my-finetune") as server:
-        with pytest.raises(ConfigError, match=r"serves 'my-finetune'.*-p model=PATH"):
-            validate.main(["--base-url", server.base_url, "--layers", "token_roundtrip",
-                           "--out", str(tmp_path / "run")])
+    with served_as("my-finetune") as server, pytest.raises(ConfigError, match=r"serves 'my-finetune'.*-p model=PATH"):
+        validate.main(["--base-url", server.base_url, "--layers", "token_roundtrip", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before any layer ran
 
 
