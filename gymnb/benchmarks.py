@@ -15,8 +15,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from gymnb.jsonl import read_jsonl
+from gymnb.stats import normal_interval, standard_error, wilson_interval
+
 MAX_MULT_PROB_ERROR = 1.05  # protocol.md section 5: health of an on-policy run
-Z95 = 1.959964
 
 # Seed criteria (full scale) and this machine's evidence criteria (cpu scale).
 CRITERIA = {
@@ -38,22 +40,12 @@ def criteria_for(benchmark: str, scale: str) -> dict:
 # ----- reading runs
 def load_metrics(path: str | Path, key_map: dict[str, str] | None = None) -> list[dict]:
     """Step records from a JSONL file; `key_map` renames another trainer's keys to gymnb's ({theirs: ours})."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"metrics file {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); expected one JSON object per line") from None
-        if key_map:
-            record = {key_map.get(k, k): v for k, v in record.items()}
+    records = read_jsonl(path, what='one {"step": ...} metrics object per line')
+    if key_map:
+        records = [{key_map.get(k, k): v for k, v in record.items()} for record in records]
+    for number, record in enumerate(records, 1):
         if "step" not in record:
-            raise ValueError(f"{path}:{number}: record has no 'step' key (use key_map to name it)")
-        records.append(record)
+            raise ValueError(f"{path}: record {number} has no 'step' key (use key_map to name it)")
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -64,12 +56,8 @@ def validation_points(metrics: list[dict]) -> list[dict]:
 
 def load_samples(path: str | Path) -> list[dict]:
     """Per-rollout validation records (collect_rollouts output): task index and reward only."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.append({"task_index": int(r.get("_ng_task_index", len(out))), "reward": float(r.get("reward", 0.0))})
-    return out
+    return [{"task_index": int(r.get("_ng_task_index", i)), "reward": float(r.get("reward", 0.0))}
+            for i, r in enumerate(read_jsonl(path, what="one rollout result per line"))]
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -95,26 +83,20 @@ def task_means(samples: list[dict]) -> dict[int, float]:
 
 
 def accuracy_interval(samples: list[dict]) -> dict:
-    """Mean reward with a 95% interval: Wilson for one 0/1 sample per prompt, else clustered by prompt."""
+    """Mean reward with a 95% interval: Wilson for one 0/1 sample per prompt, else normal over prompt means
+    (the repeats of one prompt are correlated; prompts are the independent units)."""
     means = list(task_means(samples).values())
     n = len(means)
     if n == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "num_prompts": 0, "num_samples": 0}
-    mean = sum(s["reward"] for s in samples) / len(samples)
-    if len(samples) == n and all(s["reward"] in (0.0, 1.0) for s in samples):
-        low, high = wilson(mean, n)
+    if n == len(samples) and all(s["reward"] in (0.0, 1.0) for s in samples):
+        mean = sum(means) / n
+        low, high = wilson_interval(mean, n)
     else:
-        sd = math.sqrt(sum((m - mean) ** 2 for m in means) / max(n - 1, 1))
-        low, high = mean - Z95 * sd / math.sqrt(n), mean + Z95 * sd / math.sqrt(n)
+        mean, interval = normal_interval(means, 0.0, 1.0)
+        low, high = interval or (mean, mean)
     return {"mean": mean, "low": max(low, 0.0), "high": min(high, 1.0), "num_prompts": n,
             "num_samples": len(samples)}
-
-
-def wilson(p: float, n: int) -> tuple[float, float]:
-    denom = 1 + Z95 ** 2 / n
-    centre = (p + Z95 ** 2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-    return centre - half, centre + half
 
 
 def paired_improvement(before: list[dict], after: list[dict]) -> dict:
@@ -125,10 +107,10 @@ def paired_improvement(before: list[dict], after: list[dict]) -> dict:
     n = len(diffs)
     if n < 2:
         return {"delta": float("nan"), "low": float("nan"), "high": float("nan"), "num_prompts": n, "p_value": None}
-    delta = sum(diffs) / n
-    se = math.sqrt(sum((d - delta) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+    delta, (low, high) = normal_interval(diffs)
+    se = standard_error(diffs)
     p = math.erfc(abs(delta) / (se * math.sqrt(2))) if se > 0 else (0.0 if delta else 1.0)
-    return {"delta": delta, "low": delta - Z95 * se, "high": delta + Z95 * se, "num_prompts": n, "p_value": p,
+    return {"delta": delta, "low": low, "high": high, "num_prompts": n, "p_value": p,
             "before": sum(b[t] for t in common) / n, "after": sum(a[t] for t in common) / n,
             "improved_prompts": sum(d > 0 for d in diffs), "worsened_prompts": sum(d < 0 for d in diffs)}
 

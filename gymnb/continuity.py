@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from gymnb.divergence import KIND_LABELS, Divergence, find_divergence
-from gymnb.errors import ContinuityError, GymnbError
+from gymnb.errors import ContinuityError
+from gymnb.jsonl import read_jsonl
 from gymnb.wire import WireError, message_bundle
 
 
@@ -248,20 +249,8 @@ def check_rollouts(rollouts, tokenizer=None) -> ContinuitySummary:
 
 
 def read_rollouts(path: str | Path) -> list[dict]:
-    """Rollouts from a JSONL file; a line that is not JSON is an error naming its line number."""
-    path = Path(path)
-    if not path.exists():
-        raise GymnbError(f"{path} does not exist")
-    rollouts = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rollouts.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise GymnbError(f"{path}:{number}: not valid JSON ({exc.msg}); is this a rollouts JSONL file?")
-    return rollouts
+    """Rollouts from a JSONL file; a line that is not a JSON object is an error naming its line number."""
+    return read_jsonl(path, what="one rollout (a NeMo Gym /run result) per line")
 
 
 def _guess_tokenizer(rollouts: list[dict]):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import json
 import logging
 import signal
 import sys
@@ -42,11 +41,11 @@ from gymnb.chat import (
     parse_chat_request,
     parse_messages,
     parse_tools,
-    require_object,
 )
 from gymnb.engine import GenerationEngine
 from gymnb.errors import EnvironmentServerError, RequestError, ServerError
 from gymnb.gym.common import ServerLoop
+from gymnb.http_json import error_response, read_json
 from gymnb.models import LoadedModel, list_presets, load_model
 from gymnb.splice import build_prompt_ids, check_token_ids, render_ids
 from gymnb.wire import TOKEN_FIELDS
@@ -67,24 +66,17 @@ FAULT_KEY = web.AppKey("fault", str)
 FAULTS = ("no-splice", "token-text", "no-token-fields")
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    kind = {401: "authentication_error", 404: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status)
-
-
 @web.middleware
 async def handle_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except RequestError as exc:
-        return error_body(exc.status, str(exc), exc.param, exc.code)
+        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
     except web.HTTPException as exc:  # unknown route, wrong method, body too large
-        return error_body(exc.status, f"{exc.reason}: {request.method} {request.path}", code=None)
+        return error_response(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
     except Exception as exc:  # a gymnb bug: log it, answer 500, keep serving
         log.exception("internal error on %s", request.path)
-        return error_body(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return error_response(f"internal server error: {type(exc).__name__}: {exc}", status=500)
 
 
 def require_api_key(api_key: str | None):
@@ -93,19 +85,11 @@ def require_api_key(api_key: str | None):
         if api_key is not None and request.path != "/health":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error_body(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
-                                  code="invalid_api_key")
+                return error_response("missing or incorrect API key: send `Authorization: Bearer <key>`",
+                                      status=401, code="invalid_api_key")
         return await handler(request)
 
     return check_key
-
-
-async def read_json(request: web.Request):
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -124,7 +108,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    chat = parse_chat_request(await read_json(request), model_id=model_id)
+    chat = parse_chat_request(await read_json(request, non_object_status=400), model_id=model_id)
     prompt_ids = request_prompt_ids(request.app, chat.messages, chat.tools, chat.chat_template_kwargs,
                                     chat.required_prefix_token_ids)
     fault = request.app[FAULT_KEY]
@@ -142,7 +126,7 @@ async def chat_completions(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    body = require_object(await read_json(request))
+    body = await read_json(request, non_object_status=400)
     check_model(body, model_id)
     if "messages" in body:
         add_generation_prompt = body.get("add_generation_prompt", True)
@@ -180,7 +164,7 @@ def request_prompt_ids(app: web.Application, messages, tools, chat_template_kwar
 
 async def detokenize(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    body = require_object(await read_json(request))
+    body = await read_json(request, non_object_status=400)
     check_model(body, model_id)
     check_token_ids(body.get("tokens"), "tokens", engine.vocab_size)
     return web.json_response({"prompt": engine.tokenizer.decode(body["tokens"])})

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gymnb import benchmarks as bm
+from gymnb.errors import ConfigError
 
 
 def samples(rewards_by_task: dict[int, list[float]]) -> list[dict]:
@@ -27,7 +28,9 @@ def metrics_log(steps: int, accuracies: dict[int, tuple[float, int]], mult_error
 
 
 def test_wilson_interval_matches_known_values():
-    low, high = bm.wilson(0.3, 100)
+    from gymnb.stats import wilson_interval
+
+    low, high = wilson_interval(0.3, 100)
     assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)
     iv = bm.accuracy_interval(samples({i: [1.0 if i < 30 else 0.0] for i in range(100)}))
     assert iv["mean"] == pytest.approx(0.3) and iv["low"] == pytest.approx(low)
@@ -121,7 +124,7 @@ def test_load_metrics_with_key_map_and_clear_errors(tmp_path):
     assert bm.validation_points(metrics)[1]["accuracy"] == 0.6
     assert bm.median_mult_prob_error(metrics) == 1.01
     path.write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=":2: not JSON"):
+    with pytest.raises(ConfigError, match=":2: not valid JSON"):
         bm.load_metrics(path)
     path.write_text('{"iteration": 1}\n')
     with pytest.raises(ValueError, match="no 'step' key"):

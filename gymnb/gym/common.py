@@ -12,8 +12,8 @@ What a resources server needs, in the order it uses them:
 - Errors. Raise `gymnb.errors.RequestError(message, param=..., status=...)` anywhere in a handler: the
   middleware answers `{"error": {"message", "type", "param", "code"}}` with that status. Unknown routes give
   404 in the same shape, and an unexpected exception gives 500 in the same shape: a client's fault never kills
-  the server. `json_error(...)` builds such a response directly.
-- Input. `await read_json(request)` returns the body as a dict (400 if not JSON, 422 if not an object);
+  the server. `gymnb.http_json.error_response(...)` builds such a response directly.
+- Input. `await gymnb.http_json.read_json(request)`: the body as a dict (400 if not JSON, 422 if not an object);
   `require_fields(body, {"question": str, ...})` raises 422 naming the first missing or mistyped field.
 - Rows. `check_row(body)` checks a dataset row's `responses_create_params` as NeMo Gym does (an object with
   `input`; unknown keys rejected): 422 naming the field. `check_verify_body(body)` also checks `response`.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import socket
 import threading
@@ -42,6 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from gymnb.errors import EnvironmentServerError, RequestError
+from gymnb.http_json import error_response
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,6 @@ SESSION_COOKIE_PREFIX = "gymnb_session___"
 SERVER_NAME_KEY = web.AppKey("gymnb_server_name", str)
 # aiohttp >= 3.13 wants typed request keys; older versions take a plain string.
 _SESSION_KEY = web.RequestKey("gymnb_session_id", str) if hasattr(web, "RequestKey") else "gymnb_session_id"
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
-                502: "upstream_error", 503: "server_error", 504: "upstream_error"}
-
-
-def json_error(message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-               type_: str | None = None) -> web.Response:
-    """An OpenAI-style error body: `{"error": {"message", "type", "param", "code"}}`."""
-    error_type = type_ or _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return web.json_response(body, status=status)
-
 
 def cookie_name(server_name: str) -> str:
     return SESSION_COOKIE_PREFIX + server_name
@@ -88,19 +75,19 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except RequestError as exc:
-        return json_error(str(exc), status=exc.status, param=exc.param, code=exc.code)
+        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = f"{request.method} {request.path}: {exc.reason}"
         if exc.status == 404:
             message = f"no route {request.method} {request.path} on server {request.app[SERVER_NAME_KEY]!r}"
-        return json_error(message, status=exc.status)
+        return error_response(message, status=exc.status)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001  a bug or an upstream failure: answer, log, keep serving
         log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
-        return json_error(f"{type(exc).__name__}: {exc}", status=500)
+        return error_response(f"{type(exc).__name__}: {exc}", status=500)
 
 
 async def handle_status(request: web.Request) -> web.Response:
@@ -146,17 +133,6 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self._states)
-
-
-async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object; 400 if it is not JSON, 422 if it is not an object."""
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json", status=400) from None
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}", status=422)
-    return body
 
 
 def require_fields(body: dict, fields: dict[str, type | tuple[type, ...]], *, prefix: str = "") -> None:
