@@ -3,8 +3,9 @@
 Used by notebooks/benchmarks/*.ipynb. A run is a metrics JSONL (one object per step: `step`, `train/*`,
 `validation/accuracy`, `validation/num_samples`, ...) plus, for gymnb's own runs, the per-sample validation
 rewards under `<run>/validation/step_NNNNNN.jsonl`, which allow a paired (same prompts) before/after interval.
-Another trainer's run (mode `external`) supplies only the metrics JSONL; its served checkpoint is then scored
-independently through gymnb's environments and `collect_rollouts`.
+Another trainer's run (mode `external`) supplies only the metrics JSONL; its served checkpoint (and the
+checkpoint it started from) are then scored independently through gymnb's environments and `collect_rollouts`.
+Only gymnb's own measurement meets an outcome criterion: the trainer's numbers are checked, not trusted.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from gymnb.jsonl import read_jsonl
+from gymnb.stats import normal_interval, standard_error, wilson_interval
+
 MAX_MULT_PROB_ERROR = 1.05  # protocol.md section 5: health of an on-policy run
-Z95 = 1.959964
 
 # Seed criteria (full scale) and this machine's evidence criteria (cpu scale).
 CRITERIA = {
@@ -37,22 +40,12 @@ def criteria_for(benchmark: str, scale: str) -> dict:
 # ----- reading runs
 def load_metrics(path: str | Path, key_map: dict[str, str] | None = None) -> list[dict]:
     """Step records from a JSONL file; `key_map` renames another trainer's keys to gymnb's ({theirs: ours})."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"metrics file {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg}); expected one JSON object per line") from None
-        if key_map:
-            record = {key_map.get(k, k): v for k, v in record.items()}
+    records = read_jsonl(path, what='one {"step": ...} metrics object per line')
+    if key_map:
+        records = [{key_map.get(k, k): v for k, v in record.items()} for record in records]
+    for number, record in enumerate(records, 1):
         if "step" not in record:
-            raise ValueError(f"{path}:{number}: record has no 'step' key (use key_map to name it)")
-        records.append(record)
+            raise ValueError(f"{path}: record {number} has no 'step' key (use key_map to name it)")
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -63,12 +56,8 @@ def validation_points(metrics: list[dict]) -> list[dict]:
 
 def load_samples(path: str | Path) -> list[dict]:
     """Per-rollout validation records (collect_rollouts output): task index and reward only."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.append({"task_index": int(r.get("_ng_task_index", len(out))), "reward": float(r.get("reward", 0.0))})
-    return out
+    return [{"task_index": int(r.get("_ng_task_index", i)), "reward": float(r.get("reward", 0.0))}
+            for i, r in enumerate(read_jsonl(path, what="one rollout result per line"))]
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -94,26 +83,20 @@ def task_means(samples: list[dict]) -> dict[int, float]:
 
 
 def accuracy_interval(samples: list[dict]) -> dict:
-    """Mean reward with a 95% interval: Wilson for one 0/1 sample per prompt, else clustered by prompt."""
+    """Mean reward with a 95% interval: Wilson for one 0/1 sample per prompt, else normal over prompt means
+    (the repeats of one prompt are correlated; prompts are the independent units)."""
     means = list(task_means(samples).values())
     n = len(means)
     if n == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "num_prompts": 0, "num_samples": 0}
-    mean = sum(s["reward"] for s in samples) / len(samples)
-    if len(samples) == n and all(s["reward"] in (0.0, 1.0) for s in samples):
-        low, high = wilson(mean, n)
+    if n == len(samples) and all(s["reward"] in (0.0, 1.0) for s in samples):
+        mean = sum(means) / n
+        low, high = wilson_interval(mean, n)
     else:
-        sd = math.sqrt(sum((m - mean) ** 2 for m in means) / max(n - 1, 1))
-        low, high = mean - Z95 * sd / math.sqrt(n), mean + Z95 * sd / math.sqrt(n)
+        mean, interval = normal_interval(means, 0.0, 1.0)
+        low, high = interval or (mean, mean)
     return {"mean": mean, "low": max(low, 0.0), "high": min(high, 1.0), "num_prompts": n,
             "num_samples": len(samples)}
-
-
-def wilson(p: float, n: int) -> tuple[float, float]:
-    denom = 1 + Z95 ** 2 / n
-    centre = (p + Z95 ** 2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
-    return centre - half, centre + half
 
 
 def paired_improvement(before: list[dict], after: list[dict]) -> dict:
@@ -124,20 +107,12 @@ def paired_improvement(before: list[dict], after: list[dict]) -> dict:
     n = len(diffs)
     if n < 2:
         return {"delta": float("nan"), "low": float("nan"), "high": float("nan"), "num_prompts": n, "p_value": None}
-    delta = sum(diffs) / n
-    se = math.sqrt(sum((d - delta) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+    delta, (low, high) = normal_interval(diffs)
+    se = standard_error(diffs)
     p = math.erfc(abs(delta) / (se * math.sqrt(2))) if se > 0 else (0.0 if delta else 1.0)
-    return {"delta": delta, "low": delta - Z95 * se, "high": delta + Z95 * se, "num_prompts": n, "p_value": p,
+    return {"delta": delta, "low": low, "high": high, "num_prompts": n, "p_value": p,
             "before": sum(b[t] for t in common) / n, "after": sum(a[t] for t in common) / n,
             "improved_prompts": sum(d > 0 for d in diffs), "worsened_prompts": sum(d < 0 for d in diffs)}
-
-
-def unpaired_improvement(acc0: float, n0: int, acc1: float, n1: int) -> dict:
-    """Difference of two accuracies from summary numbers only (another trainer's log): normal interval."""
-    se = math.sqrt(acc0 * (1 - acc0) / max(n0, 1) + acc1 * (1 - acc1) / max(n1, 1))
-    delta = acc1 - acc0
-    return {"delta": delta, "low": delta - Z95 * se, "high": delta + Z95 * se, "num_samples": [n0, n1],
-            "before": acc0, "after": acc1, "paired": False}
 
 
 def median_mult_prob_error(metrics: list[dict]) -> float | None:
@@ -149,54 +124,83 @@ def median_mult_prob_error(metrics: list[dict]) -> float | None:
 
 
 # ----- verdict
+MET, NOT_MET, NOT_VERIFIED = "met", "not met", "not verified"
+
+
 def compute_verdict(benchmark: str, scale: str, metrics: list[dict], *, before_samples=None, after_samples=None,
-                    evaluated_samples=None) -> dict:
-    """Criteria met or not, each check with its number and interval. Every listed check must pass."""
+                    external: bool = False) -> dict:
+    """Criteria met, not met or not verified; each check with its number, interval and status.
+
+    `before_samples` / `after_samples` are gymnb's own measurement (per-prompt rewards): the run's validation
+    files when gymnb trained, gymnb's evaluation of the base and the final checkpoint in mode external. An
+    outcome criterion (accuracy, improvement) is judged on them alone: the trainer's own validation numbers
+    in `metrics` never meet a criterion, so an external run that gymnb did not measure is "not verified".
+    With `external`, the trainer's last reported accuracy must also lie inside gymnb's 95% interval.
+    Step count and token_mult_prob_error are process facts that only the trainer's log holds.
+    """
     crit = criteria_for(benchmark, scale)
+    source = "trainer" if external else "gymnb"
     steps = max((m["step"] for m in metrics), default=0)
-    checks = [_check("training steps", steps >= crit["min_steps"], steps, f">= {crit['min_steps']}")]
-    points = validation_points(metrics)
+    checks = [_check("training steps", _status(steps >= crit["min_steps"]), steps, f">= {crit['min_steps']}",
+                     source=source)]
+    final = accuracy_interval(after_samples) if after_samples else None
     if "target_accuracy" in crit:
-        final = accuracy_interval(after_samples) if after_samples else None
-        value = final["mean"] if final else (points[-1]["accuracy"] if points else None)
-        checks.append(_check("final validation accuracy", value is not None and value >= crit["target_accuracy"],
-                             value, f">= {crit['target_accuracy']}", interval=final))
+        status = NOT_VERIFIED if final is None else _status(final["mean"] >= crit["target_accuracy"])
+        checks.append(_check("final validation accuracy", status, final and final["mean"],
+                             f">= {crit['target_accuracy']}", interval=final, source="gymnb",
+                             detail=None if final else "gymnb did not measure the final policy"))
     if crit.get("improvement"):
-        if before_samples and after_samples:
-            imp = paired_improvement(before_samples, after_samples)
-        elif len(points) >= 2 and points[0]["num_samples"] and points[-1]["num_samples"]:
-            imp = unpaired_improvement(points[0]["accuracy"], points[0]["num_samples"],
-                                       points[-1]["accuracy"], points[-1]["num_samples"])
-        else:
-            imp = None
-        ok = imp is not None and imp["low"] > 0
-        checks.append(_check("validation improvement (95% interval above 0)", ok,
-                             imp["delta"] if imp else None, "> 0 with 95% confidence", interval=imp))
+        imp = paired_improvement(before_samples, after_samples) if before_samples and after_samples else None
+        status = NOT_VERIFIED if imp is None or imp["num_prompts"] < 2 else _status(imp["low"] > 0)
+        checks.append(_check("validation improvement (95% interval above 0)", status, imp and imp["delta"],
+                             "> 0 with 95% confidence", interval=imp, source="gymnb",
+                             detail=None if imp else "gymnb did not measure both the base and the final policy"))
     err = median_mult_prob_error(metrics)
-    checks.append(_check("median token_mult_prob_error", err is not None and err < MAX_MULT_PROB_ERROR, err,
-                         f"< {MAX_MULT_PROB_ERROR}", detail=None if err is not None else "not in the metrics"))
-    if evaluated_samples is not None:
-        ev = accuracy_interval(evaluated_samples)
-        reported = points[-1]["accuracy"] if points else None
-        agrees = reported is None or ev["low"] - 0.05 <= reported <= ev["high"] + 0.05
-        checks.append(_check("trainer's last validation reproduces under gymnb's environments", agrees,
-                             ev["mean"], f"trainer reported {reported}", interval=ev))
-    return {"benchmark": benchmark, "scale": scale, "passed": all(c["passed"] for c in checks), "checks": checks}
+    checks.append(_check("median token_mult_prob_error", NOT_VERIFIED if err is None else
+                         _status(err < MAX_MULT_PROB_ERROR), err, f"< {MAX_MULT_PROB_ERROR}", source=source,
+                         detail=None if err is not None else "not in the metrics"))
+    if external:
+        checks.append(reproduce_check(metrics, final))
+    statuses = {c["status"] for c in checks}
+    status = NOT_MET if NOT_MET in statuses else NOT_VERIFIED if NOT_VERIFIED in statuses else MET
+    return {"benchmark": benchmark, "scale": scale, "status": status, "passed": status == MET, "checks": checks}
 
 
-def _check(name, passed, value, required, interval=None, detail=None) -> dict:
-    return {"name": name, "passed": bool(passed), "value": value, "required": required, "interval": interval,
-            "detail": detail}
+def reproduce_check(metrics: list[dict], measured: dict | None) -> dict:
+    """The trainer's last validation accuracy inside gymnb's 95% interval for the final policy (no slack)."""
+    points = validation_points(metrics)
+    reported = points[-1]["accuracy"] if points else None
+    if measured is None or reported is None:
+        missing = "gymnb did not measure the final policy" if measured is None else "the trainer logged no validation"
+        return _check("trainer's last validation reproduces under gymnb's environments", NOT_VERIFIED,
+                      measured and measured["mean"], f"trainer reported {reported}", interval=measured,
+                      source="gymnb", detail=missing)
+    inside = measured["low"] <= reported <= measured["high"]
+    return _check("trainer's last validation reproduces under gymnb's environments", _status(inside),
+                  measured["mean"], f"trainer reported {reported} inside the 95% interval", interval=measured,
+                  source="gymnb")
+
+
+def _status(ok: bool) -> str:
+    return MET if ok else NOT_MET
+
+
+def _check(name, status, value, required, interval=None, detail=None, source="gymnb") -> dict:
+    """`source`: whose number `value` is (gymnb's measurement or the trainer's own log)."""
+    return {"name": name, "status": status, "passed": status == MET, "value": value, "required": required,
+            "interval": interval, "detail": detail, "source": source}
 
 
 def format_verdict(verdict: dict) -> str:
-    lines = [f"{verdict['benchmark']} ({verdict['scale']}): {'CRITERIA MET' if verdict['passed'] else 'NOT MET'}"]
+    headline = "CRITERIA MET" if verdict["passed"] else verdict["status"].upper()
+    lines = [f"{verdict['benchmark']} ({verdict['scale']}): {headline}"]
+    marks = {MET: "x", NOT_MET: " ", NOT_VERIFIED: "?"}
     for c in verdict["checks"]:
         value = f"{c['value']:.6g}" if isinstance(c["value"], float) else str(c["value"])
         iv = c["interval"] or {}
         ci = f"  95% CI [{iv['low']:.3f}, {iv['high']:.3f}]" if "low" in iv and iv["low"] == iv["low"] else ""
-        lines.append(f"  [{'x' if c['passed'] else ' '}] {c['name']}: {value} (required {c['required']}){ci}"
-                     + (f"  ({c['detail']})" if c["detail"] else ""))
+        lines.append(f"  [{marks[c['status']]}] {c['name']}: {value} (required {c['required']}, "
+                     f"{c['source']}'s number){ci}" + (f"  ({c['detail']})" if c["detail"] else ""))
     return "\n".join(lines)
 
 
@@ -271,15 +275,18 @@ def load_external(metrics_path: str | Path, key_map: dict | None = None) -> dict
             "before_samples": None, "after_samples": None}
 
 
-def results_payload(verdict: dict, run: dict, *, mode: str, evaluated_samples=None) -> dict:
-    """What the results JSON holds: the verdict, the validation curve, timings and where the run lives."""
-    return {"status": "pass" if verdict["passed"] else "fail", "mode": mode, "verdict": verdict,
-            "validation": validation_points(run["metrics"]),
+def results_payload(verdict: dict, run: dict, *, mode: str, evaluated: dict | None = None) -> dict:
+    """What the results JSON holds: the verdict, the validation curve, timings and where the run lives.
+
+    `status` is pass (criteria met), fail (a criterion not met) or not_verified (gymnb lacks a measurement).
+    """
+    measured = {k: accuracy_interval(v) for k, v in (evaluated or {}).items() if v}
+    return {"status": {MET: "pass", NOT_MET: "fail"}.get(verdict["status"], "not_verified"), "mode": mode,
+            "verdict": verdict, "validation": validation_points(run["metrics"]),
             "median_token_mult_prob_error": median_mult_prob_error(run["metrics"]),
             "num_steps": max((m["step"] for m in run["metrics"]), default=0),
             "timing_mean_s": timing_summary(run["metrics"]), "run_dir": run["run_dir"],
-            "config_hash": run["config_hash"],
-            "evaluated": accuracy_interval(evaluated_samples) if evaluated_samples is not None else None}
+            "config_hash": run["config_hash"], "evaluated": measured or None}
 
 
 # ----- producing runs (mode `run`) and scoring served checkpoints (mode `external`)
@@ -303,6 +310,28 @@ def run_training(config: str | Path, overrides=(), *, progress: bool = True) -> 
 
     cfg = load_config(GRPOConfig, resolve_train_config(config), list(overrides))
     return load_run(train(cfg, progress=progress).run_dir)
+
+
+def evaluate_external(benchmark: str, mode: str, *, policy_base_url: str = "", checkpoint: str = "",
+                      base_checkpoint: str = "", out_dir: str | Path, **options) -> dict:
+    """Mode external: gymnb's own measurement of the other trainer's policy, in `load_run`'s sample keys.
+
+    `after_samples`: the final policy (its served endpoint or its checkpoint); `before_samples`: the policy
+    training started from (`base_checkpoint`, a preset name or a directory), needed for an improvement
+    criterion. Either is None when not given; `options` go to `evaluate_policy`. Mode run: both None.
+    """
+    out = {"before_samples": None, "after_samples": None}
+    if mode != "external":
+        return out
+    if policy_base_url or checkpoint:
+        out["after_samples"] = evaluate_policy(benchmark, policy_base_url=policy_base_url or None,
+                                               checkpoint=checkpoint or None,
+                                               out_path=Path(out_dir) / "external_eval.jsonl", **options)
+    if base_checkpoint:
+        options.pop("model_name", None)  # the endpoint's model id names the final policy, not the base
+        out["before_samples"] = evaluate_policy(benchmark, checkpoint=base_checkpoint,
+                                                out_path=Path(out_dir) / "external_base_eval.jsonl", **options)
+    return out
 
 
 def evaluate_policy(benchmark: str, *, policy_base_url: str | None = None, model_name: str | None = None,

@@ -50,14 +50,20 @@ def read_api_key(api_key: str | None = None, api_key_file: str | None = None) ->
     return os.environ.get(API_KEY_ENV) or None
 
 
+def split_override(item: str, *, form: str = "key.sub=value") -> tuple[str, str]:
+    """`key=value` -> (key, raw value text): the one parser of overrides, from the command line, a notebook's
+    parameters or a config call. ConfigError naming `form` when there is no `=` or the key is empty or padded."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or key.strip() != key:
+        raise ConfigError(f"override {item!r} is not of the form {form}")
+    return key, raw
+
+
 def parse_overrides(overrides: Iterable[str]) -> list[str]:
-    """Check that each override looks like `dotted.key=value`; return them unchanged (OmegaConf dotlist form)."""
-    checked = []
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key or key.strip() != key:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        checked.append(item)
+    """Check each `dotted.key=value` override; return them unchanged (OmegaConf's dotlist types the values)."""
+    checked = list(overrides)
+    for item in checked:
+        split_override(item)
     return checked
 
 

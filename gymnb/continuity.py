@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from gymnb.divergence import KIND_LABELS, Divergence, find_divergence
-from gymnb.errors import ContinuityError, GymnbError
+from gymnb.errors import ContinuityError
+from gymnb.jsonl import read_jsonl
 from gymnb.wire import WireError, message_bundle
 
 
@@ -137,17 +138,6 @@ def find_untokenized_output(items: list[dict]) -> str | None:
     return None
 
 
-def validate_token_continuity(turns: list[dict]) -> None:
-    """The seed's assertion form: raise AssertionError naming the first break (ids only)."""
-    for call in range(1, len(turns)):
-        expected = turns[call - 1]["prompt_token_ids"] + turns[call - 1]["generation_token_ids"]
-        divergence = find_divergence(expected, turns[call]["prompt_token_ids"], None,
-                                     generation_start=len(turns[call - 1]["prompt_token_ids"]))
-        if divergence is not None:
-            divergence.model_call = call
-            raise AssertionError(divergence.describe())
-
-
 def process_rollout_for_training(rollout: dict, tokenizer=None) -> dict:
     """Turn a continuous rollout into a trainer's message log.
 
@@ -222,30 +212,6 @@ def audit_loss_mask(processed: dict, rollout: dict) -> dict:
             "problems": problems}
 
 
-# Strings of the seed's round-trip test plus code, unicode and whitespace cases that trip up tokenizers.
-ROUNDTRIP_STRINGS = [
-    "Hello, world!", "The answer is 42.", "```python\nprint('hello')\n```", "Multi\nline\ntext",
-    "def f(x):\n\treturn x  # tab and two spaces", "naïve café, 東京, emoji 🚀", "  leading and trailing  ",
-    "line\r\nwindows", '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', "\\boxed{\\frac{1}{2}}",
-]
-
-
-def check_roundtrip(tokenizer, texts: list[str] | None = None) -> dict:
-    """Encode -> decode -> re-encode each text (the seed's token round-trip test).
-
-    Returns `{"ok", "num_checked", "failures": [{"text", "token_ids", "decoded", "re_encoded"}]}`.
-    """
-    texts = ROUNDTRIP_STRINGS if texts is None else texts
-    failures = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        again = tokenizer.encode(decoded, add_special_tokens=False)
-        if again != ids or decoded != text:
-            failures.append({"text": text, "token_ids": ids, "decoded": decoded, "re_encoded": again})
-    return {"ok": not failures, "num_checked": len(texts), "failures": failures}
-
-
 @dataclasses.dataclass
 class ContinuitySummary:
     """The check over many rollouts: counts, divergence kinds, and every broken rollout's result."""
@@ -283,20 +249,8 @@ def check_rollouts(rollouts, tokenizer=None) -> ContinuitySummary:
 
 
 def read_rollouts(path: str | Path) -> list[dict]:
-    """Rollouts from a JSONL file; a line that is not JSON is an error naming its line number."""
-    path = Path(path)
-    if not path.exists():
-        raise GymnbError(f"{path} does not exist")
-    rollouts = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rollouts.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise GymnbError(f"{path}:{number}: not valid JSON ({exc.msg}); is this a rollouts JSONL file?")
-    return rollouts
+    """Rollouts from a JSONL file; a line that is not a JSON object is an error naming its line number."""
+    return read_jsonl(path, what="one rollout (a NeMo Gym /run result) per line")
 
 
 def _guess_tokenizer(rollouts: list[dict]):

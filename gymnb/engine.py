@@ -248,7 +248,7 @@ class GenerationEngine:
         """
         newcomers: list[_Row] = []
         width = batch.mask.shape[1] if batch.rows else 0
-        prompt_width = 0
+        prompt_width = reuse_width = 0
         while self._queue and len(batch.rows) + len(newcomers) < self.max_batch_size:
             row = self._queue[0]
             if row.group.future.done():  # another row of this request failed
@@ -259,13 +259,16 @@ class GenerationEngine:
             # Looked up afresh at every attempt: a refit may have cleared the cache since the last one.
             reuse, row.cached = self.prefix_cache.lookup(row.prompt_ids)
             row.reuse = min(reuse, len(row.prompt_ids) - 1)  # the last prompt token is fed for its logits
-            length, uncached = len(row.prompt_ids), len(row.prompt_ids) - row.reuse
+            uncached = len(row.prompt_ids) - row.reuse
             rows = len(batch.rows) + len(newcomers) + 1
-            cache_cells = rows * max(width, prompt_width, length)
+            # The prefill lays every newcomer out as [pad | cached prefix | pad | suffix]: its width is the
+            # longest reused prefix plus the longest suffix, wider than any one prompt when they differ.
+            laid_out = max(reuse_width, row.reuse) + max(prompt_width, uncached)
+            cache_cells = rows * max(width, laid_out)
             prefill_cells = (len(newcomers) + 1) * max(prompt_width, uncached)
             if rows > 1 and (cache_cells > self.max_batch_tokens or prefill_cells > self.max_prefill_tokens):
                 break
-            prompt_width = max(prompt_width, uncached)
+            prompt_width, reuse_width = max(prompt_width, uncached), max(reuse_width, row.reuse)
             row.group.started = True
             newcomers.append(self._queue.popleft())
         return newcomers

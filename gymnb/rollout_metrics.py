@@ -4,7 +4,7 @@ Rollouts are grouped by task (`_ng_task_index`); k samples per task come from `n
 - pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k) per task with n samples of
   which c are correct (reward >= `threshold`), averaged over tasks.
 - avg@k: the mean reward of a task's k samples, averaged over tasks ("mean@32" of AIME-style evaluation).
-- Intervals: normal approximation over tasks, value +- 1.96 * sd(per-task values) / sqrt(num_tasks). Tasks,
+- Intervals: normal approximation over tasks (gymnb.stats.normal_interval) of the per-task values. Tasks,
   not rollouts, are the independent units: the repeats of one task are correlated. With a single task there is
   no spread over tasks and the interval is null. Intervals are clipped to the range the value can take
   ([0, 1] for pass@k, the observed reward range for means): with few tasks the normal approximation is crude.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-Z_95 = 1.959964
+from gymnb.stats import normal_interval
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,18 +25,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def mean_ci95(values: list[float], low: float = -math.inf,
-              high: float = math.inf) -> tuple[float, list[float] | None]:
-    """(mean, [low, high]) with the normal-approximation 95% interval clipped to [low, high]; None for fewer
-    than two values."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    half = Z_95 * sd / math.sqrt(len(values))
-    return mean, [max(low, mean - half), min(high, mean + half)]
 
 
 def k_values(n: int) -> list[int]:
@@ -63,15 +51,15 @@ def compute_metrics(results: list[dict], failures: list[dict] = (), *, threshold
         return metrics
     rewards = [r for task in by_task.values() for r in task]
     bounds = (min(rewards), max(rewards))
-    metrics["mean_reward"], metrics["mean_reward_ci95"] = mean_ci95([sum(t) / len(t) for t in by_task.values()],
+    metrics["mean_reward"], metrics["mean_reward_ci95"] = normal_interval([sum(t) / len(t) for t in by_task.values()],
                                                                     *bounds)
     metrics["reward_std"] = math.sqrt(sum((r - sum(rewards) / len(rewards)) ** 2 for r in rewards) / len(rewards))
     n = min(len(t) for t in by_task.values())
     metrics["samples_per_task"] = n
     for k in k_values(n):
         per_task = [pass_at_k(len(t), sum(r >= threshold for r in t), k) for t in by_task.values()]
-        metrics[f"pass@{k}"], metrics[f"pass@{k}_ci95"] = mean_ci95(per_task, 0.0, 1.0)
-    metrics[f"avg@{n}"], metrics[f"avg@{n}_ci95"] = mean_ci95([sum(t[:n]) / n for t in by_task.values()], *bounds)
+        metrics[f"pass@{k}"], metrics[f"pass@{k}_ci95"] = normal_interval(per_task, 0.0, 1.0)
+    metrics[f"avg@{n}"], metrics[f"avg@{n}_ci95"] = normal_interval([sum(t[:n]) / n for t in by_task.values()], *bounds)
     return metrics
 
 

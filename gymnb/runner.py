@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from gymnb.checks.result import LAYERS, RESULTS_FILE
-from gymnb.config import API_KEY_ENV, REPO_ROOT
+from gymnb.config import API_KEY_ENV, REPO_ROOT, split_override
 from gymnb.errors import ConfigError, GymnbError
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks" / "validation"
@@ -79,9 +79,7 @@ def parse_parameter_overrides(items: list[str]) -> dict:
     """`key=value` strings to a dict; values parsed as YAML scalars (`4` -> 4, `true` -> True, `a,b` stays text)."""
     params = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or key.strip() != key:
-            raise ConfigError(f"parameter {item!r} is not of the form key=value (e.g. -p num_rows=4)")
+        key, raw = split_override(item, form="key=value (e.g. -p num_rows=4)")
         try:
             params[key] = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:

@@ -46,12 +46,12 @@ from gymnb.chat import (
     parse_chat_template_kwargs,
     parse_messages,
     parse_tools,
-    require_object,
 )
 from gymnb.config import API_KEY_ENV, read_api_key
 from gymnb.engine import GenerationEngine
 from gymnb.errors import EnvironmentServerError, RequestError, ServerError
-from gymnb.gym.common import ServerLoop, parse_json_body, read_body
+from gymnb.gym.common import ServerLoop
+from gymnb.http_json import error_response, read_json
 from gymnb.models import LoadedModel, list_presets, load_model
 from gymnb.splice import build_prompt_ids, check_token_ids, render_ids
 from gymnb.wire import TOKEN_FIELDS
@@ -77,24 +77,17 @@ TOKENIZE_EXECUTOR_KEY = web.AppKey("tokenize_executor", ThreadPoolExecutor)
 MAX_PROMPT_CHARS_KEY = web.AppKey("max_prompt_chars", int)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    kind = {401: "authentication_error", 404: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status)
-
-
 @web.middleware
 async def handle_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except RequestError as exc:
-        return error_body(exc.status, str(exc), exc.param, exc.code)
+        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
     except web.HTTPException as exc:  # unknown route, wrong method, body too large
-        return error_body(exc.status, f"{exc.reason}: {request.method} {request.path}", code=None)
+        return error_response(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
     except Exception as exc:  # a gymnb bug: log it, answer 500, keep serving
         log.exception("internal error on %s", request.path)
-        return error_body(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return error_response(f"internal server error: {type(exc).__name__}: {exc}", status=500)
 
 
 def has_api_key(request: web.Request, api_key: str | None) -> bool:
@@ -109,17 +102,11 @@ def require_api_key(api_key: str | None):
     @web.middleware
     async def check_key(request: web.Request, handler):
         if request.path != "/health" and not has_api_key(request, api_key):
-            return error_body(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
-                              code="invalid_api_key")
+            return error_response("missing or incorrect API key: send `Authorization: Bearer <key>`",
+                                  status=401, code="invalid_api_key")
         return await handler(request)
 
     return check_key
-
-
-async def read_json(request: web.Request):
-    """The parsed body (gymnb.gym.common.parse_json_body), decoded on a worker thread: big bodies take a while."""
-    raw = await read_body(request)
-    return await asyncio.get_running_loop().run_in_executor(None, parse_json_body, raw)
 
 
 async def off_loop(request: web.Request, fn, *args):
@@ -159,7 +146,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    body = await read_json(request)
+    body = await read_json(request, non_object_status=400)
     # Checking a long conversation is Python work too: off the loop (not on the tokenizer thread: no tokenizer)
     chat = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
         parse_chat_request, body, model_id=model_id, vocab_size=engine.vocab_size))
@@ -181,7 +168,7 @@ async def chat_completions(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    body = require_object(await read_json(request))
+    body = await read_json(request, non_object_status=400)
     check_model(body, model_id)
     if "messages" in body:
         add_generation_prompt = body.get("add_generation_prompt", True)
@@ -220,7 +207,7 @@ def request_prompt_ids(app: web.Application, messages, tools, chat_template_kwar
 
 async def detokenize(request: web.Request) -> web.Response:
     engine, model_id = request.app[ENGINE_KEY], request.app[MODEL_ID_KEY]
-    body = require_object(await read_json(request))
+    body = await read_json(request, non_object_status=400)
     check_model(body, model_id)
     check_token_ids(body.get("tokens"), "tokens", engine.vocab_size)
     return web.json_response({"prompt": await off_loop(request, engine.tokenizer.decode, body["tokens"])})

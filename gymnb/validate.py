@@ -16,11 +16,10 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from gymnb.checks.integration import ENVIRONMENTS, Integration, connect
+from gymnb.checks.integration import ENVIRONMENTS, Integration, connect, policy_model
 from gymnb.checks.result import LAYERS
 from gymnb.config import API_KEY_ENV, REPO_ROOT, read_api_key
 from gymnb.errors import ConfigError
-from gymnb.models import DEFAULT_MODEL
 from gymnb.report import write_report
 from gymnb.runner import (
     check_kernel,
@@ -112,9 +111,10 @@ def main(argv: list[str]) -> int:
     check_parameter_keys(user_params)
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) if args.out else REPO_ROOT / "outputs" / "validation" / run_id
-    model = str(user_params.get("model", DEFAULT_MODEL))
     resolve_parameters(layers, user_params)  # fail on a bad -p or a missing kernel before starting any server
     check_kernel()
+    # An external server's own model, never the embedded default's tokenizer, unless -p model= names one.
+    model = policy_model(str(user_params.get("model") or ""), args.base_url, args.gym, args.api_key)
     print(f"gymnb validate: run folder {run_dir}", flush=True)
     integration = open_integration(args, layers, model)
     embedded = integration.embedded  # before stop() empties it

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gymnb import benchmarks as bm
+from gymnb.errors import ConfigError
 
 
 def samples(rewards_by_task: dict[int, list[float]]) -> list[dict]:
@@ -27,7 +28,9 @@ def metrics_log(steps: int, accuracies: dict[int, tuple[float, int]], mult_error
 
 
 def test_wilson_interval_matches_known_values():
-    low, high = bm.wilson(0.3, 100)
+    from gymnb.stats import wilson_interval
+
+    low, high = wilson_interval(0.3, 100)
     assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)
     iv = bm.accuracy_interval(samples({i: [1.0 if i < 30 else 0.0] for i in range(100)}))
     assert iv["mean"] == pytest.approx(0.3) and iv["low"] == pytest.approx(low)
@@ -46,35 +49,69 @@ def test_paired_improvement_uses_the_same_prompts():
     assert flat["delta"] == pytest.approx(0.0) and flat["low"] < 0 < flat["high"]
 
 
-def test_math_full_verdict_needs_steps_accuracy_and_on_policy_health():
+def solved(num_solved: int, num_prompts: int = 100) -> list[dict]:
+    return samples({i: [1.0 if i < num_solved else 0.0] for i in range(num_prompts)})
+
+
+def statuses(verdict: dict) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in verdict["checks"]}
+
+
+def test_math_full_verdict_needs_steps_measured_accuracy_and_on_policy_health():
     good = metrics_log(1000, {0: (0.5, 960), 1000: (0.87, 960)})
-    verdict = bm.compute_verdict("math", "full", good)
-    assert verdict["passed"], bm.format_verdict(verdict)
-    short = bm.compute_verdict("math", "full", metrics_log(999, {999: (0.9, 960)}))
-    assert not short["passed"] and not short["checks"][0]["passed"]
-    low = bm.compute_verdict("math", "full", metrics_log(1000, {1000: (0.80, 960)}))
-    assert [c["passed"] for c in low["checks"]] == [True, False, True]
-    off_policy = bm.compute_verdict("math", "full", metrics_log(1000, {1000: (0.9, 960)}, mult_error=1.2))
-    assert not off_policy["passed"]
+    verdict = bm.compute_verdict("math", "full", good, after_samples=solved(87))
+    assert verdict["status"] == "met" and verdict["passed"], bm.format_verdict(verdict)
+    short = bm.compute_verdict("math", "full", metrics_log(999, {999: (0.9, 960)}), after_samples=solved(90))
+    assert short["status"] == "not met" and statuses(short)["training steps"] == "not met"
+    low = bm.compute_verdict("math", "full", metrics_log(1000, {}), after_samples=solved(80))
+    assert [c["status"] for c in low["checks"]] == ["met", "not met", "met"]
+    off_policy = bm.compute_verdict("math", "full", metrics_log(1000, {}, mult_error=1.2), after_samples=solved(90))
+    assert off_policy["status"] == "not met"
     assert "NOT MET" in bm.format_verdict(off_policy)
 
 
-def test_workplace_verdict_from_summary_numbers_when_no_samples():
-    improved = bm.compute_verdict("workplace", "full", metrics_log(100, {0: (0.40, 500), 100: (0.55, 500)}))
-    assert improved["passed"]
-    noisy = bm.compute_verdict("workplace", "full", metrics_log(100, {0: (0.40, 20), 100: (0.45, 20)}))
-    assert not noisy["passed"]  # 5 points on 20 samples is within noise
-    check = noisy["checks"][1]
-    assert check["interval"]["low"] < 0 < check["interval"]["high"]
+def test_trainers_own_accuracy_never_meets_the_criterion():
+    """The issue's case: the trainer reports 0.90, gymnb measures 80/100 = 0.80 [0.711, 0.867], target 0.85."""
+    metrics = metrics_log(1000, {0: (0.5, 100), 1000: (0.90, 100)})
+    verdict = bm.compute_verdict("math", "full", metrics, after_samples=solved(80), external=True)
+    checks = {c["name"]: c for c in verdict["checks"]}
+    accuracy = checks["final validation accuracy"]
+    assert accuracy["value"] == pytest.approx(0.80) and accuracy["status"] == "not met"
+    # Wilson 95% interval of 80/100 (published tables: 0.7112, 0.8666)
+    assert (accuracy["interval"]["low"], accuracy["interval"]["high"]) == pytest.approx((0.7112, 0.8666), abs=1e-4)
+    assert checks["trainer's last validation reproduces under gymnb's environments"]["status"] == "not met"
+    assert verdict["status"] == "not met" and not verdict["passed"]
+    # gymnb measured nothing: whatever the trainer claims, the verdict is "not verified", never met
+    unmeasured = bm.compute_verdict("math", "full", metrics, external=True)
+    assert unmeasured["status"] == "not verified" and not unmeasured["passed"]
+    assert statuses(unmeasured)["final validation accuracy"] == "not verified"
+    assert "NOT VERIFIED" in bm.format_verdict(unmeasured)
 
 
-def test_external_evaluation_must_reproduce_the_trainers_number():
+def test_reproduce_check_has_no_slack_and_needs_a_reported_number():
     metrics = metrics_log(100, {0: (0.40, 500), 100: (0.80, 500)})
-    reproduced = samples({i: [1.0 if i < 78 else 0.0] for i in range(100)})
-    assert bm.compute_verdict("workplace", "full", metrics, evaluated_samples=reproduced)["checks"][-1]["passed"]
-    far = samples({i: [1.0 if i < 40 else 0.0] for i in range(100)})
-    verdict = bm.compute_verdict("workplace", "full", metrics, evaluated_samples=far)
-    assert not verdict["checks"][-1]["passed"] and not verdict["passed"]
+    name = "trainer's last validation reproduces under gymnb's environments"
+    # 70/100: Wilson [0.604, 0.781] excludes 0.80; the old 0.05 of slack let it through
+    assert statuses(bm.compute_verdict("workplace", "full", metrics, after_samples=solved(70),
+                                       external=True))[name] == "not met"
+    assert statuses(bm.compute_verdict("workplace", "full", metrics, after_samples=solved(78),
+                                       external=True))[name] == "met"
+    silent = bm.compute_verdict("workplace", "full", metrics_log(100, {}), after_samples=solved(78), external=True)
+    assert statuses(silent)[name] == "not verified" and not silent["passed"]
+
+
+def test_improvement_is_measured_on_the_same_prompts_by_gymnb():
+    metrics = metrics_log(100, {0: (0.40, 500), 100: (0.55, 500)})
+    # the trainer's summary numbers alone (a 15-point gain on 500 samples) verify nothing
+    claimed = bm.compute_verdict("workplace", "full", metrics, external=True)
+    assert statuses(claimed)["validation improvement (95% interval above 0)"] == "not verified"
+    measured = bm.compute_verdict("workplace", "full", metrics, before_samples=solved(40), after_samples=solved(55))
+    assert measured["status"] == "met", bm.format_verdict(measured)
+    # 2 of 20 prompts more solved: within noise
+    noisy = bm.compute_verdict("workplace", "full", metrics, before_samples=solved(8, 20),
+                               after_samples=solved(10, 20))
+    check = noisy["checks"][1]
+    assert check["status"] == "not met" and check["interval"]["low"] < 0 < check["interval"]["high"]
 
 
 def test_load_metrics_with_key_map_and_clear_errors(tmp_path):
@@ -87,7 +124,7 @@ def test_load_metrics_with_key_map_and_clear_errors(tmp_path):
     assert bm.validation_points(metrics)[1]["accuracy"] == 0.6
     assert bm.median_mult_prob_error(metrics) == 1.01
     path.write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=":2: not JSON"):
+    with pytest.raises(ConfigError, match=":2: not valid JSON"):
         bm.load_metrics(path)
     path.write_text('{"iteration": 1}\n')
     with pytest.raises(ValueError, match="no 'step' key"):

@@ -21,11 +21,9 @@ from rollout_builders import (
 from gymnb.continuity import (
     audit_loss_mask,
     check_continuity,
-    check_roundtrip,
     extract_trainable_turns,
     main,
     process_rollout_for_training,
-    validate_token_continuity,
 )
 from gymnb.errors import ContinuityError
 from gymnb.models import load_tokenizer
@@ -79,7 +77,6 @@ def test_spliced_rollout_is_continuous_and_trains_on_exactly_the_generated_ids(t
     rollout = build_rollout(tokenizer, INPUT, three_calls(merge_ids), tools=TOOLS, reward=1.0)
     result = check_continuity(rollout, tokenizer)
     assert result.ok and result.num_calls == 3 and result.divergence is None
-    validate_token_continuity(extract_trainable_turns(rollout))
 
     processed = process_rollout_for_training(rollout, tokenizer)
     log = processed["message_log"]
@@ -191,8 +188,6 @@ def test_without_tokenizer_locates_but_does_not_decode(tokenizer, merge_ids):
     div = check_continuity(rollout).divergence
     assert div.kind == "other" and div.expected_text is None and div.model_call == 2
     assert_first_mismatch(rollout, div)
-    with pytest.raises(AssertionError, match="model call 2"):
-        validate_token_continuity(extract_trainable_turns(rollout))
 
 
 @pytest.mark.parametrize("mutate, message, kind", [
@@ -222,11 +217,6 @@ def test_a_model_call_that_lost_its_token_fields_is_a_problem(tokenizer, merge_i
     assert not result.ok and "carry no token fields" in result.problem
     with pytest.raises(ContinuityError, match="carry no token fields"):
         process_rollout_for_training(rollout, tokenizer)
-
-
-def test_roundtrip_of_the_seed_strings(tokenizer):
-    report = check_roundtrip(tokenizer)
-    assert report["ok"] and report["num_checked"] >= 10
 
 
 def test_check_continuity_cli(tokenizer, merge_ids, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -100,29 +99,54 @@ def test_stop_string_ends_generation_and_is_cut_from_text(engine, loaded):
 
 
 def test_update_weights_waits_for_in_flight_rows(tiny_model_dir):
+    """A refit called mid-generation loads the weights only after the row's last token: the completion is
+    wholly old-weights, the next one wholly new. Forward calls serve as the clock of the overlap."""
     loaded = load_model(str(tiny_model_dir), max_model_len=512)
     old_model = load_model(str(tiny_model_dir), max_model_len=512).model
     engine = GenerationEngine(loaded)
+    forwards, events = [], {}
+    refit_called = threading.Event()
+    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in loaded.model.state_dict().items()}
+    load_state_dict = loaded.model.load_state_dict
+
+    def refit():
+        events["called"] = (len(forwards), in_flight.done())
+        refit_called.set()
+        engine.update_weights(new_state)
+
+    def on_forward(module, args):
+        forwards.append(1)
+        if len(forwards) == 5:  # prefill + 4 decode steps of 60: start the refit, go on once it is called
+            events["refit"] = threading.Thread(target=refit)
+            events["refit"].start()
+            refit_called.wait(timeout=60)
+
+    def recording_load(state_dict, *args, **kwargs):
+        events["loaded"] = len(forwards)
+        return load_state_dict(state_dict, *args, **kwargs)
+
+    hook = loaded.model.register_forward_pre_hook(on_forward)
+    loaded.model.load_state_dict = recording_load
     try:
         prompt = prompts(loaded.tokenizer, 2)[1]
         params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
         in_flight = engine.submit(prompt, params)
-        while engine.num_active == 0 and not in_flight.done():
-            time.sleep(0.001)  # wait until the row is admitted, so the refit must wait for it
-        new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in loaded.model.state_dict().items()}
-        swapper = threading.Thread(target=engine.update_weights, args=(new_state,))
-        swapper.start()
+        in_flight.add_done_callback(lambda _: events.setdefault("finished", len(forwards)))
         (before,) = in_flight.result()
-        swapper.join()
+        events["refit"].join()
+        assert events["called"] == (5, False)  # the refit came while the generation was in flight
+        assert len(before.token_ids) == 60 and events["finished"] == 60  # one prefill, 59 decode steps
+        assert events["loaded"] == events["finished"]  # weights loaded after its last forward, before any other
         assert len(engine.prefix_cache) == 0  # KV of the old weights must not be reused
-        (after,) = engine.submit(prompt, params).result()
         expected_old = model_log_probs(old_model, prompt, before.token_ids, 0)
         assert torch.allclose(torch.tensor(before.log_probs), expected_old, atol=1e-4)
+        (after,) = engine.submit(prompt, params).result()
         expected_new = model_log_probs(loaded.model, prompt, after.token_ids, 0)
         assert torch.allclose(torch.tensor(after.log_probs), expected_new, atol=1e-4)
         old_view = model_log_probs(old_model, prompt, after.token_ids, 0)
         assert not torch.allclose(torch.tensor(after.log_probs), old_view, atol=1e-3)
     finally:
+        hook.remove()
         engine.close()
 
 
@@ -141,6 +165,29 @@ def test_next_turn_reuses_cached_kv_and_matches_model(loaded):
             expected = model_log_probs(loaded.model, prompt, completion.token_ids, 0.9)
             assert torch.allclose(torch.tensor(completion.log_probs), expected, atol=1e-4)
     finally:
+        engine.close()
+
+
+def test_admission_counts_the_width_the_prefill_lays_out(loaded):
+    """A prefix-reusing turn next to a fresh long prompt: together they would be laid out as
+    2 x (reused prefix + fresh prompt) cells, past max_batch_tokens; they must be prefilled apart."""
+    engine = GenerationEngine(loaded, max_batch_tokens=600)
+    widths = []  # rows x columns of every attention mask the model is given: the KV the batch lays out
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["attention_mask"].numel()), with_kwargs=True)
+    try:
+        first = loaded.tokenizer.encode("a long history of tool calls " * 50)[:245]
+        fresh = loaded.tokenizer.encode("an unrelated question, asked at length " * 50)[:250]
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        (turn1,) = engine.submit(first, params).result()
+        second = first + turn1.token_ids + loaded.tokenizer.encode(" next")  # reuses 254 cached tokens
+        prefills = engine.stats["prefills"]
+        widths.clear()
+        engine.generate_batch([second, fresh], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        assert engine.stats["prefills"] - prefills == 2
+        assert max(widths) <= 600, widths  # one prefill of both: 2 x 505 = 1010 cells
+    finally:
+        hook.remove()
         engine.close()
 
 

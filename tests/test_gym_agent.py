@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 
 from gymnb.gym import model_server, simple_agent
-from gymnb.gym.common import ServerLoop, SessionStore, check_row, make_server_app, read_json, require_fields
+from gymnb.gym.common import ServerLoop, SessionStore, check_row, make_server_app, require_fields
+from gymnb.http_json import read_json
 from gymnb.models import cache_dir
 
 # With a description: the policy server fills in a missing one, and the scripted prompts must match its rendering.

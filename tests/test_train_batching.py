@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gymnb.errors import ContinuityError
-from gymnb.train.batching import build_sequence, build_train_batch, iter_micro_batches, model_calls
+from gymnb.train.batching import build_train_batch, iter_micro_batches, model_calls, rollout_to_sequence
 
 
 def make_rollout(calls, reward=1.0, task_index=0, tool_between=True):
@@ -27,7 +27,7 @@ def test_multi_turn_rollout_flattens_with_generation_masked_in_place():
     g1 = [12, 2]
     rollout = make_rollout([(p0, g0, [-0.1, -0.2, -0.3]), (p1, g1, [-0.4, -0.5])])
     assert [c["generation_token_ids"] for c in model_calls(rollout)] == [g0, g1]
-    seq = build_sequence(rollout, group_id=0)
+    seq = rollout_to_sequence(rollout, group_id=0)
     assert seq.token_ids == p1 + g1
     assert seq.trainable == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 2
     assert seq.generation_log_probs == pytest.approx([0, 0, 0, -0.1, -0.2, -0.3, 0, 0, 0, -0.4, -0.5])
@@ -38,7 +38,7 @@ def test_turn_cut_by_max_tokens_keeps_continuity():
     # The first call has no end-of-turn token; the template adds one (id 2) in the next prompt.
     p0, g0 = [1, 2, 3], [10, 11]
     p1 = p0 + g0 + [2, 7]
-    seq = build_sequence(make_rollout([(p0, g0, [-1.0, -1.0]), (p1, [5], [-0.5])]), group_id=0)
+    seq = rollout_to_sequence(make_rollout([(p0, g0, [-1.0, -1.0]), (p1, [5], [-0.5])]), group_id=0)
     assert seq.token_ids == p1 + [5]
     assert sum(seq.trainable) == 3
 
@@ -46,12 +46,12 @@ def test_turn_cut_by_max_tokens_keeps_continuity():
 def test_broken_continuity_and_missing_fields_are_reported():
     p0, g0 = [1, 2, 3], [10, 11]
     retokenized = [1, 2, 3, 99, 7]  # generation re-tokenized differently: off-policy
-    with pytest.raises(ContinuityError, match="first difference at token 3"):
-        build_sequence(make_rollout([(p0, g0, [-1.0, -1.0]), (retokenized, [5], [-0.5])]), group_id=0)
-    with pytest.raises(ContinuityError, match="log-probs"):
-        build_sequence(make_rollout([(p0, g0, [-1.0])]), group_id=0)
+    with pytest.raises(ContinuityError, match="model call 1, token 3"):
+        rollout_to_sequence(make_rollout([(p0, g0, [-1.0, -1.0]), (retokenized, [5], [-0.5])]), group_id=0)
+    with pytest.raises(ContinuityError, match="2 generation_token_ids but 1 generation_log_probs"):
+        rollout_to_sequence(make_rollout([(p0, g0, [-1.0])]), group_id=0)
     with pytest.raises(ContinuityError, match="generation_token_ids"):
-        build_sequence({"response": {"output": [{"type": "message", "content": []}]}, "reward": 0}, group_id=0)
+        rollout_to_sequence({"response": {"output": [{"type": "message", "content": []}]}, "reward": 0}, group_id=0)
 
 
 def test_train_batch_groups_by_task_and_skips_broken_rollouts():

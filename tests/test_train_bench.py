@@ -21,11 +21,26 @@ def test_bench_train_splits_the_step_and_compares_with_the_floor(scripted_math_m
     mean = summary["mean"]
     assert mean["generation_s"] > 0 and mean["forward_backward_s"] > 0 and mean["optimizer_s"] > 0
     assert mean["floor_s"] > 0
-    for phase in PHASES:
-        assert summary["ratio_to_floor"][phase] == pytest.approx(mean[phase] / mean["floor_s"])
+    assert set(summary["ratio_to_floor"]) == {*PHASES, "step_s"}
     assert sum(summary["share_of_step"].values()) <= 1.0 + 1e-9  # the phases never exceed the step
     assert summary["config"]["validation"]["at_start"] is False  # benchmarks time steps, not validation
     assert len(summary["config_hash"]) == 12
+
+
+def test_bench_train_summary_from_hand_measured_steps():
+    from gymnb.bench.train import summarize
+
+    step = {"step_s": 10.0, "floor_s": 2.0, "generation_s": 5.0, "environment_s": 1.0, "forward_backward_s": 3.0,
+            "optimizer_s": 0.5, "refit_s": 0.5}
+    slower = {**step, "step_s": 14.0, "generation_s": 9.0}
+    no_batch = {**step, "step_s": 99.0, "floor_s": None}  # nothing to train on: not timed against the floor
+    summary = summarize([step, slower, no_batch])
+    assert summary["mean"]["step_s"] == 12.0 and summary["mean"]["generation_s"] == 7.0
+    assert summary["share_of_step"]["generation_s"] == pytest.approx(7 / 12)
+    assert summary["ratio_to_floor"] == pytest.approx({"step_s": 6.0, "generation_s": 3.5, "environment_s": 0.5,
+                                                       "forward_backward_s": 1.5, "optimizer_s": 0.25,
+                                                       "refit_s": 0.25})
+    assert summarize([no_batch]) == {"steps": [no_batch], "mean": {}}
 
 
 def test_train_cli_reports_config_errors_with_the_fix(tmp_path, capsys):

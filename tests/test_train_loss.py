@@ -101,7 +101,22 @@ def test_clip_stops_gradient_past_the_trust_region():
     assert grad[0] == 0  # positive advantage, ratio above 1+eps: clipped
     assert grad[1] < 0  # inside: pushes the log-prob up
     assert grad[2] < 0  # positive advantage below 1-eps: min() keeps the unclipped term
-    assert out.stats["clip_fraction_sum"] == 2
+
+
+def test_clip_fraction_counts_tokens_off_the_behaviour_policy():
+    """Measured against the generation log-probs: 0 on-policy, the share of tokens past the clip range off it."""
+    logprobs = torch.full((1, 5), -1.0)
+    # trainer/generation ratios: e^0 = 1, e^0.1 = 1.105 (inside 1.2), e^0.5 = 1.65, e^-0.5 = 0.61, e^-0.1
+    generation = logprobs - torch.tensor([[0.0, 0.1, 0.5, -0.5, -0.1]])
+    mask = torch.ones(1, 5)
+    on_policy = policy_loss(logprobs, logprobs, torch.tensor([1.0]), mask, 5, generation_logprobs=logprobs)
+    assert on_policy.stats["clip_fraction_sum"] == 0
+    off_policy = policy_loss(logprobs, logprobs, torch.tensor([1.0]), mask, 5, generation_logprobs=generation)
+    assert off_policy.stats["clip_fraction_sum"] == 2
+    # only generated tokens count
+    masked = policy_loss(logprobs, logprobs, torch.tensor([1.0]), torch.tensor([[1.0, 1, 1, 0, 0]]), 3,
+                         generation_logprobs=generation)
+    assert masked.stats["clip_fraction_sum"] == 1
 
 
 def test_kl_k3_and_importance_weights():
@@ -164,3 +179,38 @@ def test_lr_schedule_warmup_then_decay():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_step_at_lr_0_reproduces_the_servers_log_probs_with_dropout_in_the_model(tokenizer):
+    """The server samples in eval mode; a trainer left in train mode would see dropout's noise instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
+    model = LlamaForCausalLM(config).eval()
+    batch = make_batch()
+    with torch.no_grad():  # the server's generation_log_probs: the same weights, eval mode
+        for seq in batch.sequences:
+            ids = torch.tensor([seq.token_ids])
+            served = compute_token_logprobs(model, ids, torch.ones_like(ids), 1.0)[0]
+            seq.generation_log_probs = [lp if t else 0.0 for lp, t in zip(served.tolist(), seq.trainable)]
+    opt_cfg = OptimizerSection(lr=0.0, micro_batch_size=2)
+    optimizer = make_optimizer(model, opt_cfg)
+    metrics = train_step(model, optimizer, make_scheduler(optimizer, opt_cfg, max_steps=1), batch,
+                         micro_batch_size=2, temperature=1.0, pad_token_id=0, loss_cfg=LossSection(),
+                         max_grad_norm=1.0)
+    assert metrics["train/token_mult_prob_error"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["train/max_abs_logprob_diff"] < 1e-4
+    assert metrics["train/clip_fraction"] == 0.0
+    assert metrics["train/grad_norm"] > 0
+    # an engine whose probabilities sit 0.5 nats off on every other generated token: half of them clip
+    shifted = 0
+    for seq in batch.sequences:
+        for t in [i for i, trainable in enumerate(seq.trainable) if trainable][::2]:
+            seq.generation_log_probs[t] -= 0.5
+            shifted += 1
+    metrics = train_step(model, optimizer, make_scheduler(optimizer, opt_cfg, max_steps=1), batch,
+                         micro_batch_size=2, temperature=1.0, pad_token_id=0, loss_cfg=LossSection(),
+                         max_grad_norm=1.0)
+    assert metrics["train/clip_fraction"] == pytest.approx(shifted / batch.num_trainable_tokens)

@@ -99,3 +99,49 @@ def test_raise_for_errors_names_each_failed_layer(tmp_path):
     raise_for_errors([run("http_endpoint", "pass")])
     with pytest.raises(GymnbError, match=r"1 of 2 validation layers failed:\n- Token continuity: model call 1"):
         raise_for_errors([run("http_endpoint", "pass"), run("token_continuity", "fail", "model call 1 diverges")])
+
+
+@pytest.fixture(scope="module")
+def served_as(tiny_model_dir):
+    """A real policy server on the tiny model that answers /v1/models with the given model id."""
+    from contextlib import contextmanager
+
+    from gymnb.models import load_model
+    from gymnb.server import PolicyServer
+
+    loaded = load_model(str(tiny_model_dir), max_model_len=512)
+
+    @contextmanager
+    def serve(model_id: str):
+        with PolicyServer.start(loaded, model_id=model_id) as server:
+            yield server
+
+    return serve
+
+
+def test_external_servers_model_is_found_from_its_model_id(served_as, tiny_model_dir):
+    from gymnb.checks import policy_model
+
+    with served_as(str(tiny_model_dir)) as server:  # `gymnb serve --model DIR` serves the directory as its id
+        assert policy_model("", server.base_url) == str(tiny_model_dir)
+        assert policy_model("smollm2-135m", server.base_url) == "smollm2-135m"  # -p model= wins
+    with served_as("Qwen/Qwen3-4B-Instruct-2507") as server:  # vLLM serves the hub id
+        assert policy_model("", server.url) == "qwen3-4b-instruct-2507"
+    assert policy_model("", "") == "smollm2-135m"  # nothing external: the embedded default
+
+
+def test_external_server_with_an_unknown_model_id_needs_the_model_named(served_as, tmp_path):
+    with served_as("my-finetune") as server, pytest.raises(ConfigError, match=r"serves 'my-finetune'.*-p model=PATH"):
+        validate.main(["--base-url", server.base_url, "--layers", "token_roundtrip", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before any layer ran
+
+
+@pytest.mark.slow
+def test_validate_checks_the_external_servers_own_tokenizer(served_as, tiny_model_dir, tmp_path):
+    with served_as(str(tiny_model_dir)) as server:
+        code = validate.main(["--base-url", server.base_url, "--layers", "token_roundtrip",
+                              "--out", str(tmp_path / "run")])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert code == 0, summary
+    assert summary["parameters"]["model"] == str(tiny_model_dir)
+    assert summary["parameters"]["layers"]["token_roundtrip"]["model"] == str(tiny_model_dir)

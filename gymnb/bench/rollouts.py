@@ -77,14 +77,19 @@ def run_level(rows, head_url, concurrency: int, num_rollouts: int, overrides: di
     wall, model_busy, forward_s = ended - started, busy.busy_seconds(started, ended), forward.take()
     calls = [len(extract_trainable_turns(r)) for r in run.results]
     generated = sum(len(t["generation_token_ids"]) for r in run.results for t in extract_trainable_turns(r))
-    return {"concurrency": concurrency, "rollouts": len(run.results), "failures": len(run.failures),
-            "wall_s": wall, "rollouts_per_minute": 60 * len(run.results) / wall,
+    return {"concurrency": concurrency, "failures": len(run.failures), "mean_reward": run.metrics.get("mean_reward"),
+            **level_figures(calls, generated, wall=wall, model_busy=model_busy, forward_s=forward_s)}
+
+
+def level_figures(calls: list[int], generated: int, *, wall: float, model_busy: float, forward_s: float) -> dict:
+    """A level's figures from its measurements: `calls` holds the model calls of each finished rollout."""
+    num_rollouts = len(calls)
+    return {"rollouts": num_rollouts, "wall_s": wall, "rollouts_per_minute": 60 * num_rollouts / wall,
             "model_busy_s": model_busy, "outside_share": 1 - model_busy / wall,
             # idle-model time per rollout: what environments, agent and HTTP cost when nothing overlaps them
-            "outside_ms_per_rollout": 1000 * (wall - model_busy) / max(1, len(run.results)),
+            "outside_ms_per_rollout": 1000 * (wall - model_busy) / max(1, num_rollouts),
             "forward_s": forward_s, "forward_share": forward_s / wall,
-            "model_calls_per_rollout": sum(calls) / max(1, len(calls)),
-            "generated_tokens_per_s": generated / wall, "mean_reward": run.metrics.get("mean_reward")}
+            "model_calls_per_rollout": sum(calls) / max(1, num_rollouts), "generated_tokens_per_s": generated / wall}
 
 
 def build_parser() -> argparse.ArgumentParser:

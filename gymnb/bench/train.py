@@ -37,10 +37,10 @@ def time_floor(model, batch, *, micro_batch_size: int, pad_token_id: int) -> flo
     """Seconds of a plain forward/backward (masked cross-entropy) over `batch`, gradients discarded.
 
     Like the trainer, it projects onto the vocabulary only from the first trainable column on, so the ratio
-    to the floor measures the GRPO bookkeeping, not that shortcut."""
+    to the floor measures the GRPO bookkeeping, not that shortcut. Eval mode (no dropout), as the trainer."""
     from gymnb.train.batching import iter_micro_batches
 
-    model.train()
+    model.eval()
     started = time.perf_counter()
     for mb in iter_micro_batches(batch, micro_batch_size, pad_token_id):
         start = max(int(mb.loss_mask.bool().any(0).nonzero()[0]), 1)
@@ -52,7 +52,6 @@ def time_floor(model, batch, *, micro_batch_size: int, pad_token_id: int) -> flo
         loss.backward()
     elapsed = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    model.eval()
     return elapsed
 
 

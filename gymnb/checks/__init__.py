@@ -12,8 +12,9 @@ from gymnb.checks.integration import (
     find_rollouts,
     layer_output_dir,
     load_rollouts,
+    policy_model,
 )
 from gymnb.checks.result import LAYERS, Check, LayerFailed, LayerResult, write_results
 
 __all__ = ["LAYERS", "Check", "Integration", "LayerFailed", "LayerResult", "connect", "find_rollouts",
-           "layer_output_dir", "load_rollouts", "write_results"]
+           "layer_output_dir", "load_rollouts", "policy_model", "write_results"]

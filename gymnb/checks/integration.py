@@ -60,6 +60,35 @@ def served_model_id(base_url: str, api_key: str = "") -> str:
     return data[0]["id"]
 
 
+def policy_model(model: str = "", base_url: str = "", gym_head_url: str = "", api_key: str = "") -> str:
+    """The model whose tokenizer and weights layers 02, 04 and 05 load: `model` when given; else, for an
+    external server, the one it serves (its model id matched to a preset, a preset's hub id, or a local
+    HF-format directory); else, with no URL, the embedded default. An id that matches none is an error:
+    checking another model's tokenizer would test the wrong thing and could pass or fail by accident."""
+    from gymnb.models import get_preset, list_presets
+
+    if model:
+        return model
+    if not base_url and not gym_head_url:
+        return DEFAULT_MODEL
+    if base_url:
+        base_url, model_id = root_url(base_url), ""
+    else:
+        base_url, model_id, api_key = policy_from_head(gym_head_url)
+    model_id = model_id or served_model_id(base_url, api_key)
+    if get_preset(model_id) is not None:
+        return model_id
+    by_hub_id = [name for name in list_presets() if get_preset(name).path == model_id]
+    if by_hub_id:
+        return by_hub_id[0]
+    if (Path(model_id) / "config.json").is_file():
+        return model_id
+    raise ConfigError(f"the policy server at {base_url} serves {model_id!r}, which is neither a gymnb preset "
+                      f"({', '.join(list_presets())}), a preset's hub id, nor a local model directory. Pass the "
+                      "model it runs with -p model=PATH (its HF-format directory, or a preset) so that layers 02, "
+                      "04 and 05 check its own tokenizer and weights")
+
+
 def policy_from_head(head_url: str) -> tuple[str, str, str]:
     """(base_url, model name, api key) of the `policy_model` instance in the head server's resolved config."""
     reply = request_json("GET", f"{head_url.rstrip('/')}/global_config_dict_yaml", timeout=30)
@@ -100,7 +129,7 @@ def connect(base_url: str = "", gym_head_url: str = "", *, model: str = DEFAULT_
             base_url = root_url(base_url)
             model_id = served_model_id(base_url, api_key)
         else:
-            server = start_policy_server(model, api_key=api_key, **(server_options or {}))
+            server = start_policy_server(model or DEFAULT_MODEL, api_key=api_key, **(server_options or {}))
             started.append(server)
             base_url, model_id = root_url(server.url), server.model_id
         head_url = gym_head_url.rstrip("/") or None

@@ -12,8 +12,8 @@ What a resources server needs, in the order it uses them:
 - Errors. Raise `gymnb.errors.RequestError(message, param=..., status=...)` anywhere in a handler: the
   middleware answers `{"error": {"message", "type", "param", "code"}}` with that status. Unknown routes give
   404 in the same shape, and an unexpected exception gives 500 in the same shape: a client's fault never kills
-  the server. `json_error(...)` builds such a response directly.
-- Input. `await read_json(request)` returns the body as a dict (400 if not JSON, nested deeper than
+  the server. `gymnb.http_json.error_response(...)` builds such a response directly.
+- Input. `await gymnb.http_json.read_json(request)`: the body as a dict (400 if not JSON, nested deeper than
   MAX_JSON_DEPTH or holding lone surrogates, 408 if it stalls, 422 if not an object);
   `require_fields(body, {"question": str, ...})` raises 422 naming the first missing or mistyped field.
 - Rows. `check_row(body)` checks a dataset row's `responses_create_params` as NeMo Gym does (an object with
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import re
 import socket
 import threading
 import traceback
@@ -45,6 +43,7 @@ from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
 
 from gymnb.errors import EnvironmentServerError, RequestError
+from gymnb.http_json import error_response
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +51,6 @@ SESSION_COOKIE_PREFIX = "gymnb_session___"
 SERVER_NAME_KEY = web.AppKey("gymnb_server_name", str)
 # aiohttp >= 3.13 wants typed request keys; older versions take a plain string.
 _SESSION_KEY = web.RequestKey("gymnb_session_id", str) if hasattr(web, "RequestKey") else "gymnb_session_id"
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 422: "invalid_request_error", 500: "server_error",
-                502: "upstream_error", 503: "server_error", 504: "upstream_error"}
-
-
-def json_error(message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-               type_: str | None = None) -> web.Response:
-    """An OpenAI-style error body: `{"error": {"message", "type", "param", "code"}}`."""
-    error_type = type_ or _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return web.json_response(body, status=status)
-
 
 def cookie_name(server_name: str) -> str:
     return SESSION_COOKIE_PREFIX + server_name
@@ -91,19 +77,19 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except RequestError as exc:
-        return json_error(str(exc), status=exc.status, param=exc.param, code=exc.code)
+        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = f"{request.method} {request.path}: {exc.reason}"
         if exc.status == 404:
             message = f"no route {request.method} {request.path} on server {request.app[SERVER_NAME_KEY]!r}"
-        return json_error(message, status=exc.status)
+        return error_response(message, status=exc.status)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001  a bug or an upstream failure: answer, log, keep serving
         log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
-        return json_error(f"{type(exc).__name__}: {exc}", status=500)
+        return error_response(f"{type(exc).__name__}: {exc}", status=500)
 
 
 async def handle_status(request: web.Request) -> web.Response:
@@ -151,97 +137,10 @@ class SessionStore:
         return len(self._states)
 
 
-MAX_JSON_DEPTH = 100  # far past any real request (tool schemas nest ~10), far below Python's recursion limit
 # aiohttp keeps an idle connection, or one whose client stalls before finishing its headers, for an hour by
 # default: a few hundred stalled clients would hold as many sockets. Clients pool connections for less (aiohttp
 # 15 s, httpx 5 s), so closing after 30 idle seconds costs them nothing.
 KEEPALIVE_TIMEOUT = 30.0
-BODY_READ_TIMEOUT = 120.0  # seconds for a body to arrive: a stalled client does not hold a handler forever
-_SCALARS = frozenset({int, float, bool, type(None), str})
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-def parse_json_body(raw: bytes):
-    """Decode a request body: 400 (`invalid_json`) for what is not JSON a server can work with.
-
-    Refused besides syntax errors: bytes that are not UTF-8, nesting deeper than MAX_JSON_DEPTH (Python's
-    parser and every recursive consumer after it would raise RecursionError), and lone surrogates such as
-    `"\\ud800"` (valid JSON escapes that no UTF-8 encoder, tokenizer or response writer accepts).
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"the request body is not UTF-8: {exc}", code="invalid_json") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
-                           code="invalid_json") from None
-    check_json_value(body, strings=_SURROGATE_ESCAPE.search(text) is not None)
-    return body
-
-
-def check_json_value(body, *, strings: bool) -> None:
-    """Depth bound and (when `strings`) no lone surrogate in any key or string; iterative, so no recursion."""
-    if isinstance(body, str) and strings and not is_utf8(body):
-        raise RequestError("the request body is a string holding a lone UTF-16 surrogate", code="invalid_json")
-    stack = [(body, 1, "body")] if isinstance(body, (dict, list)) else []
-    while stack:
-        value, depth, path = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels (at "
-                               f"{path[:60]}...)", code="invalid_json")
-        if isinstance(value, list) and _SCALARS.issuperset(map(type, value)) and not (strings and str in
-                                                                                       set(map(type, value))):
-            continue  # a list of numbers (token ids, log-probs): nothing to check, skipped at C speed
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if strings:
-                for text in (key, item):
-                    if isinstance(text, str) and not is_utf8(text):
-                        where = json_path(path, key)
-                        raise RequestError(f"{where} holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), which "
-                                           f"is not text: send valid Unicode", param=where, code="invalid_json")
-            if isinstance(item, (dict, list)):
-                stack.append((item, depth + 1, json_path(path, key)))
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def json_path(path: str, key) -> str:
-    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The raw body, or 408 when the client stops sending it (slow-loris clients would hold the handler)."""
-    try:
-        return await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
-    except TimeoutError:
-        raise RequestError(f"the request body did not arrive within {BODY_READ_TIMEOUT:g} s",
-                           code="request_timeout", status=408) from None
-
-
-async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object; 400 if it is not JSON (see parse_json_body), 422 if not an object.
-
-    Big bodies are decoded on a worker thread so the event loop keeps answering other requests.
-    """
-    raw = await read_body(request)
-    if len(raw) < 65536:
-        body = parse_json_body(raw)
-    else:
-        body = await asyncio.get_running_loop().run_in_executor(None, parse_json_body, raw)
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}", status=422)
-    return body
 
 
 def require_fields(body: dict, fields: dict[str, type | tuple[type, ...]], *, prefix: str = "") -> None:
@@ -330,10 +229,10 @@ class OpenAIErrorHandler(web_protocol.RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         plain = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent yet
         if isinstance(exc, LineTooLong):
-            response = json_error(f"a request line or header is longer than the server accepts (8190 bytes): "
+            response = error_response(f"a request line or header is longer than the server accepts (8190 bytes): "
                                   f"{exc.message}", status=status, code="header_too_large")
         else:
-            response = json_error(f"{plain.reason}: {message or exc or 'the request could not be parsed'}",
+            response = error_response(f"{plain.reason}: {message or exc or 'the request could not be parsed'}",
                                   status=status)
         response.force_close()
         return response

@@ -19,13 +19,13 @@ huggingface_hub where a hub is reachable.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from fractions import Fraction
 from pathlib import Path
 
 from gymnb.errors import ConfigError, RequestError
 from gymnb.gym.common import check_row
+from gymnb.jsonl import read_jsonl
 
 DAPO_PROMPT = ("Solve the following math problem step by step. The last line of your response should be of the "
                "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
@@ -166,19 +166,7 @@ def read_records(path: str | Path) -> list[dict]:
         except ImportError:
             raise ConfigError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from None
         return pq.read_table(path).to_pylist()
-    records = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{line_no}: not valid JSON: {exc}") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}:{line_no}: each line must be a JSON object")
-            records.append(record)
-    return records
+    return read_jsonl(path, what="one dataset row (a JSON object) per line")
 
 
 def load_nemo_gym_jsonl(path: str | Path, *, agent_name: str | None = None, limit: int | None = None) -> list[dict]:

@@ -30,8 +30,9 @@ import aiohttp
 from aiohttp import web
 
 from gymnb.errors import ConfigError, RequestError
-from gymnb.gym.common import check_responses_create_params, make_server_app, read_json, session_id
+from gymnb.gym.common import check_responses_create_params, make_server_app, session_id
 from gymnb.gym.responses_convert import chat_to_response, responses_to_chat
+from gymnb.http_json import read_json
 from gymnb.wire import SOURCE_LOGPROBS, WireError, read_token_ids, tokenize_body
 
 CLIENT_KEY = web.AppKey("gymnb_model_client", aiohttp.ClientSession)

@@ -31,7 +31,8 @@ import aiohttp
 from aiohttp import web
 
 from gymnb.errors import ConfigError, RequestError
-from gymnb.gym.common import check_responses_create_params, check_row, make_server_app, read_json
+from gymnb.gym.common import check_responses_create_params, check_row, make_server_app
+from gymnb.http_json import read_json
 
 HTTP_KEY = web.AppKey("gymnb_agent_http", aiohttp.ClientSession)
 MAX_STEPS_CAP = 100

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gymnb.continuity import process_rollout_for_training
 from gymnb.errors import ContinuityError
 
 
@@ -72,31 +73,6 @@ def model_calls(rollout: dict) -> list[dict]:
     return calls
 
 
-def build_sequence(rollout: dict, group_id: int) -> Sequence:
-    """Flatten one rollout's model calls into a sequence with a trainable mask (see module docstring)."""
-    calls = model_calls(rollout)
-    if not calls:
-        raise ContinuityError("rollout has no output item carrying generation_token_ids: nothing to train on")
-    token_ids: list[int] = []
-    trainable: list[bool] = []
-    logprobs: list[float] = []
-    for k, call in enumerate(calls):
-        prompt, gen, lps = call["prompt_token_ids"], call["generation_token_ids"], call["generation_log_probs"]
-        if len(gen) != len(lps):
-            raise ContinuityError(f"model call {k}: {len(gen)} generation_token_ids but {len(lps)} log-probs")
-        if prompt[: len(token_ids)] != token_ids:
-            first = next(i for i, (a, b) in enumerate(zip(prompt, token_ids)) if a != b) \
-                if len(prompt) >= len(token_ids) else len(prompt)
-            raise ContinuityError(
-                f"model call {k}: prompt_token_ids do not start with the previous prompt + generation "
-                f"(first difference at token {first}); run `gymnb check-continuity` on these rollouts")
-        context = prompt[len(token_ids):]
-        token_ids += context + gen
-        trainable += [False] * len(context) + [True] * len(gen)
-        logprobs += [0.0] * len(context) + [float(x) for x in lps]
-    return Sequence(token_ids, trainable, logprobs, float(rollout.get("reward", 0.0)), group_id)
-
-
 def sequence_from_message_log(processed: dict, reward: float, group_id: int) -> Sequence:
     """Adapt `gymnb.continuity.process_rollout_for_training` output (a message log) to a Sequence."""
     token_ids: list[int] = []
@@ -113,11 +89,7 @@ def sequence_from_message_log(processed: dict, reward: float, group_id: int) -> 
 
 
 def rollout_to_sequence(rollout: dict, group_id: int, tokenizer=None) -> Sequence:
-    """Use the continuity toolkit's processing when it is installed, else the local flattening above."""
-    try:
-        from gymnb.continuity import process_rollout_for_training
-    except ImportError:
-        return build_sequence(rollout, group_id)
+    """One rollout as a training sequence, through the continuity toolkit (ContinuityError if off-policy)."""
     processed = process_rollout_for_training(rollout, tokenizer)
     return sequence_from_message_log(processed, float(rollout.get("reward", 0.0)), group_id)
 

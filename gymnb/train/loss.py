@@ -117,6 +117,11 @@ def policy_loss(
     logprobs (B, T): current policy, with grad. prev_logprobs (B, T): the policy the ratio is taken against
     (detached). advantages (B,) or (B, T). loss_mask (B, T) float/bool: 1 on generated tokens.
     generation_logprobs (B, T): the server's log-probs; used for the importance-sampling weight and metrics.
+
+    `clip_fraction_sum` (with generation_logprobs only) counts the tokens whose ratio to the behaviour policy,
+    exp(logprobs - generation_logprobs), leaves [1 - clip_low, 1 + clip_high]: how far the batch is off-policy,
+    in units of the trust region. The ratio to `prev_logprobs` is no measure: in the one-step-per-batch loop
+    they are this same forward pass, so it is 1 everywhere and its clip fraction always 0.
     """
     mask = loss_mask.to(logprobs.dtype)
     if advantages.dim() == 1:
@@ -139,14 +144,14 @@ def policy_loss(
     denom = max(int(num_global_tokens), 1)
     loss = (per_token * mask).sum() / denom
     with torch.no_grad():
-        stats = {
-            "num_tokens": float(mask.sum()),
-            "clip_fraction_sum": float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * mask).sum()),
-        }
+        stats = {"num_tokens": float(mask.sum())}
         if kl is not None:
             stats["kl_ref_sum"] = float((kl * mask).sum())
         if generation_logprobs is not None:
             stats.update(logprob_error_sums(prev_logprobs, generation_logprobs, mask))
+            behaviour_ratio = torch.exp((logprobs - generation_logprobs).clamp(-20.0, 20.0))  # (B, T)
+            outside = (behaviour_ratio < 1 - clip_low) | (behaviour_ratio > 1 + clip_high)
+            stats["clip_fraction_sum"] = float((outside.to(mask.dtype) * mask).sum())
     return LossOutput(loss=loss, stats=stats)
 
 

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from gymnb.jsonl import read_jsonl
 from gymnb.train.batching import model_calls
 
 
@@ -23,9 +24,8 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in self.read() if record.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -33,7 +33,7 @@ class MetricsLog:
             f.flush()
 
     def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path, what="one step's metrics per line")
 
 
 def generated_tokens(rollout: dict) -> int:

@@ -4,7 +4,8 @@ One optimizer step per batch of rollouts keeps GRPO on-policy: the policy that p
 policy at the start of the step, so the PPO ratio's denominator is the trainer's own detached log-probs from
 the same forward pass (value 1, gradient of plain REINFORCE with a baseline); the clip only matters for
 callers that take several steps on one batch. The server's generation log-probs are compared with those same
-trainer log-probs to measure how on-policy the run really is (token_mult_prob_error).
+trainer log-probs to measure how on-policy the run really is (token_mult_prob_error, and clip_fraction: the
+share of tokens whose ratio to the generation log-probs leaves the clip range).
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ def accumulate_gradients(model, batch: TrainBatch, *, micro_batch_size: int, tem
 
 def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_size: int, temperature: float,
                pad_token_id: int, loss_cfg, max_grad_norm: float, reference_model=None) -> dict[str, float]:
-    """One optimizer step on `batch`; returns step metrics (token means, grad norm, lr)."""
-    model.train()
+    """One optimizer step on `batch`; returns step metrics (token means, grad norm, lr).
+
+    The loss is computed in eval mode (dropout off), as the server computes generation log-probs: with
+    dropout on, the trainer's log-probs differ from the policy that sampled, and token_mult_prob_error
+    reads above 1 at learning rate 0. Gradients flow the same in either mode.
+    """
+    model.eval()
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
     sums = accumulate_gradients(model, batch, micro_batch_size=micro_batch_size, temperature=temperature,
@@ -90,7 +96,6 @@ def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_si
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    model.eval()
     metrics = summarize_step(sums, grad_norm, lr)
     metrics["timing/forward_backward_s"] = forward_backward_s
     metrics["timing/optimizer_s"] = time.perf_counter() - started - forward_backward_s  # clip + AdamW
@@ -104,9 +109,9 @@ def summarize_step(sums: dict[str, float], grad_norm: float, lr: float) -> dict[
         "train/grad_norm": grad_norm,
         "train/lr": lr,
         "train/num_trainable_tokens": sums.get("num_tokens", 0.0),
-        "train/clip_fraction": sums.get("clip_fraction_sum", 0.0) / tokens,
     }
     if "mult_prob_error_sum" in sums:
+        metrics["train/clip_fraction"] = sums["clip_fraction_sum"] / tokens  # ratio to the behaviour policy
         metrics["train/token_mult_prob_error"] = sums["mult_prob_error_sum"] / tokens
         metrics["train/gen_kl_error"] = sums["gen_kl_error_sum"] / tokens
         metrics["train/max_abs_logprob_diff"] = sums.get("abs_logprob_diff_max", 0.0)

@@ -36,7 +36,6 @@ from gymnb.gym.common import (
     check_row,
     check_verify_body,
     make_server_app,
-    read_json,
     require_fields,
 )
 from gymnb.gym.metrics import compute_aggregate_metrics
@@ -44,6 +43,7 @@ from gymnb.gym.workplace.schemas import TOOL_NAMES, TOOL_SPECS
 from gymnb.gym.workplace.state import CompanyState, base_state
 from gymnb.gym.workplace.tools import ToolError, call_tool
 from gymnb.gym.workplace.verify import compute_reward, extract_function_calls
+from gymnb.http_json import read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,34 @@
+"""JSON Lines files, the format the stages hand each other: dataset rows, rollouts, metrics, validation samples.
+
+`read_jsonl` is the one reader: blank lines skipped, each line a JSON object, and a bad line an error that
+names the file, the line and what the file was expected to hold. (Resuming a rollout collection reads its
+own output differently, in gymnb.rollouts, because a torn last line is expected there.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gymnb.errors import ConfigError
+
+
+def read_jsonl(path: str | Path, *, what: str = "one JSON object per line") -> list[dict]:
+    """The objects of a JSONL file, in order. ConfigError for a missing file or a bad line, naming `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist (expected a JSONL file: {what})")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); expected {what}") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
+                                  f"expected {what}")
+            records.append(record)
+    return records
