@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from gymnb.cpu_threads import ThreadBudget
 from gymnb.errors import RequestError, ServerError
 from gymnb.prefix_cache import CacheEntry, PrefixCache
 
@@ -88,10 +89,13 @@ class GenerationEngine:
     """Batches concurrent generation requests over one model. Thread-safe; `generate` is the asyncio face."""
 
     def __init__(self, loaded, *, max_batch_size: int = 16, max_batch_tokens: int = 65536,
-                 max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30):
+                 max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30,
+                 adapt_threads: bool = True):
         """`max_batch_tokens` bounds the KV cache (rows x padded length); `max_prefill_tokens` bounds one
         prefill (newcomers x padded uncached prompt length). Both admit at least one row, so any prompt that
         fits the context runs. `prefix_cache_bytes` is the budget for KV kept from finished rows (0 = off).
+        `adapt_threads`: the worker's torch team shrinks to the cores other processes leave free and grows
+        back, up to the thread count at construction (gymnb.cpu_threads: why a fixed team collapses).
         """
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
@@ -118,6 +122,7 @@ class GenerationEngine:
         self._paused = False
         self._closed = False
         self._num_active = 0
+        self.threads = ThreadBudget(torch.get_num_threads()) if adapt_threads else None
         self._thread = threading.Thread(target=self._run, name="gymnb-engine", daemon=True)
         self._thread.start()
 
@@ -208,6 +213,8 @@ class GenerationEngine:
                     return
                 newcomers = [] if self._paused else self._admit(batch)
                 self._num_active = len(batch.rows) + len(newcomers)
+            if self.threads is not None:
+                self.threads.adjust()  # per-thread OpenMP setting: must run on this worker thread
             try:
                 with self._model_lock, torch.inference_mode():
                     finished = batch.step(newcomers)

@@ -110,7 +110,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     body = {"status": "ok", "num_active": engine.num_active, "num_waiting": engine.num_waiting,
-            "stats": dict(engine.stats)}
+            "stats": dict(engine.stats), "torch_threads": engine.threads.threads if engine.threads else None}
     return web.json_response(body)
 
 
@@ -275,7 +275,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the most the engine uses)")
+    parser.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="shrink the engine's torch threads to the cores other processes leave free")
     parser.add_argument("--chat-template", default=None, help="template name in configs/templates or a file")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: preset's)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together per step")
@@ -290,7 +292,7 @@ def main(argv: list[str]) -> int:
         api_key=args.api_key,
         dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
-        prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice)
+        prefix_cache_bytes=args.prefix_cache_mb << 20, adapt_threads=args.adapt_threads, splice=args.splice)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
