@@ -430,22 +430,41 @@ class _Batch:
 
 def sample_tokens(rows: list[_Row], logits: torch.Tensor):
     """(tokens (B,), their log-probs (B,), top (values, indices) or None), under the convention above."""
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
-    logprobs = torch.log_softmax(logits / temps[:, None], dim=-1)  # (B, V)
-    tokens = logits.argmax(dim=-1)  # greedy rows keep this
+    # Passes over (B, V) are a tenth of a small model's decode step: the division and the argmax are skipped
+    # when no row needs them (all T = 1, no greedy row), the common case of RL sampling.
+    temps = [r.params.temperature or 1.0 for r in rows]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, device=logits.device)[:, None]
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    tokens = (logits.argmax(dim=-1) if len(sampled) < len(rows)  # greedy rows keep this
+              else torch.zeros(len(rows), dtype=torch.long, device=logits.device))
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         probs = truncate_probs(logprobs[index].exp(), [rows[i].params for i in sampled])  # (S, V)
-        cdf = probs.cumsum(dim=-1)
         uniforms = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled])
-        uniforms = uniforms.to(logits.device)  # (S,) one draw per row from its own generator
-        picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
-        tokens[index] = picks.clamp(max=logits.shape[-1] - 1)
+        tokens[index] = inverse_cdf(probs, uniforms.to(logits.device))
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
     k = max(r.params.top_logprobs for r in rows)
     top = logprobs.topk(k, dim=-1) if k else None
     return tokens, chosen, top
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The token whose CDF interval holds `uniforms * total` for each row of unnormalized `probs` (S, V).
+
+    Two levels instead of one cumsum over the vocabulary (a sequential, unvectorized pass): cumulate block
+    sums to find the block, then cumulate inside that block only.
+    """
+    rows, vocab = probs.shape
+    padded = (F.pad(probs, (0, -vocab % block)) if vocab % block else probs).view(rows, -1, block)  # (S, N, block)
+    block_cdf = padded.sum(dim=-1).cumsum(dim=-1)  # (S, N)
+    target = (uniforms * block_cdf[:, -1])[:, None]  # (S, 1)
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp(max=block_cdf.shape[1] - 1)  # (S, 1)
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)  # (S, 1)
+    inner = padded[torch.arange(rows, device=probs.device), chosen[:, 0]].cumsum(dim=-1)  # (S, block)
+    offset = torch.searchsorted(inner, target - before, right=True).clamp(max=block - 1)  # (S, 1)
+    return (chosen * block + offset).squeeze(1).clamp(max=vocab - 1)
 
 
 def truncate_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

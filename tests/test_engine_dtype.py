@@ -111,3 +111,21 @@ def test_thread_budget_resizes_only_the_calling_thread():
     thread.join()
     assert seen == {"team": 1, "torch": 1}
     assert torch.get_num_threads() == caller_threads
+
+
+def test_two_level_sampler_picks_what_one_full_cdf_picks():
+    """The sampler's block-wise inverse CDF against a plain cumsum + searchsorted, zero-mass runs included."""
+    from gymnb.engine import inverse_cdf
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(32, 1000, generator=generator), dim=-1)  # 1000: not a block multiple
+    probs[0, 10:] = 0  # all mass in the first block
+    probs[1, :-1] = 0  # all mass on the last token
+    probs[2, 100:900] = 0  # a long zero run across blocks
+    uniforms = torch.rand(32, generator=generator)
+    uniforms[3], uniforms[4] = 0.0, 1.0 - 1e-7
+    cdf = probs.cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    picks = inverse_cdf(probs, uniforms)
+    assert torch.equal(picks, expected.clamp(max=999))
+    assert bool((probs.gather(1, picks[:, None]) > 0).all())  # never a token without mass
