@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def free_port() -> int:
 
 
 def launch(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """Start a server in its own process group, so that `stop` also ends the engine processes it forks."""
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def wait_ready(proc: subprocess.Popen, ready_url: str, log_path: Path, deadline: float) -> str | None:
@@ -134,13 +136,16 @@ def wait_ready(proc: subprocess.Popen, ready_url: str, log_path: Path, deadline:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """End the server and its process group (vLLM's engine core and workers outlive a terminated front)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @contextlib.contextmanager

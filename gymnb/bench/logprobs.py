@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
         return 2
     # What start_all and the server helpers read; gymnb serves with its defaults, vLLM with 16 sequences.
     args.threads, args.max_batch_size, args.prefix_cache_mb, args.vllm_max_model_len = None, 16, 0, 2048
-    args.server_timeout = 900.0
+    args.server_timeout = 1800.0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from gymnb.models import load_model, resolve_model_path
 

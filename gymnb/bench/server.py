@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -303,7 +304,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers that run() starts are stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(parse_args(argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     dtypes = [d.strip() for d in args.dtype.split(",")]
     if bad := [d for d in dtypes if d not in ("float32", "bfloat16")]:
