@@ -11,7 +11,7 @@ that is not running; on that machine, one thread with one core busy keeps most o
 So the engine's worker thread calls `adjust()` before every step. At most once a `interval` it reads the
 machine's busy CPU time (/proc/stat) less this process's own (/proc/self/stat): the CPUs other processes
 used meanwhile. The team is then the CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are
-per calling thread, so this resizes only the engine's own ops, never a trainer's in the same process.
+per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
 Off Linux (no /proc) the team stays at `max_threads`.
 """
 

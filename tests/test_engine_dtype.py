@@ -99,6 +99,7 @@ def test_thread_team_leaves_busy_cores_to_other_processes():
 def test_thread_budget_resizes_only_the_calling_thread():
     """The engine's worker resizes its own team; a trainer on another thread keeps its thread count."""
     caller_threads = torch.get_num_threads()
+    torch.set_num_threads(caller_threads)  # as load_model(threads=) and a trainer's own setting do
     seen = {}
 
     def worker():
