@@ -18,7 +18,8 @@ class ModelSection:
     dtype: str | None = None  # float32 | bfloat16 | float16; None = the preset's (the trainer's weights)
     # float32 | bfloat16; None = dtype. The dtype the policy server and the trainer's forward/backward compute
     # in: bfloat16 serves a bf16 copy of the weights (the CPU's AMX units) and scores it with the same bf16
-    # forward, over float32 weights the optimizer updates (gymnb.train.loss.forward_in_dtype).
+    # forward, over float32 weights the optimizer updates (gymnb.train.loss.forward_in_dtype). Not exact:
+    # bf16 rounding follows the evaluation order, so pair it with loss.importance_sampling=true.
     compute_dtype: str | None = None
     device: str | None = None  # cpu | cuda | cuda:N; None = the preset's
     threads: int | None = None  # torch intra-op threads for trainer and server; None = torch's default
