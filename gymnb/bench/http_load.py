@@ -123,8 +123,12 @@ def launch(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
 
 
 def wait_ready(proc: subprocess.Popen, ready_url: str, log_path: Path, deadline: float) -> str | None:
-    """Poll `ready_url` until it answers (None) or the process dies / the deadline passes (why, with log tail)."""
-    while time.monotonic() < deadline:
+    """Poll `ready_url` until it answers (None) or the process dies / the deadline passes (why, with log tail).
+
+    Always polls once: servers started together share one deadline, and a late one may be up already."""
+    first = True
+    while first or time.monotonic() < deadline:
+        first = False
         if proc.poll() is not None:
             return f"{proc.args[0]} exited ({proc.returncode}); log tail:\n{log_path.read_text()[-1500:]}"
         try:

@@ -105,8 +105,10 @@ def transformers_server(args, dtype: str, model_dir: Path) -> Served:
         return Served("transformers", dtype, None, port, "",
                       skipped=f"transformers serve needs {missing}: pip install 'transformers[serving]'")
     exe = Path(sys.executable).with_name("transformers")
+    # Its paged KV cache is otherwise sized from the machine's memory (13 GB RSS here, until the OOM killer
+    # took it); 256 blocks of 32 tokens hold 16 clients' requests many times over.
     cmd = [str(exe), "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", dtype,
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--cb-block-size", "32", "--cb-num-blocks", "256", "--host", "127.0.0.1", "--port", str(port)]
     # Its /v1/models scans the Hugging Face hub cache (absent here): readiness is /health, and requests name
     # the forced model by its directory.
     return Served("transformers", dtype, cmd, port, str(model_dir), ready_path="/health")
@@ -298,7 +300,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="benchmark `transformers serve --continuous-batching` beside gymnb")
     parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure gymnb's engine in this process (one padded batch)")
-    parser.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the servers")
+    parser.add_argument("--server-timeout", type=float, default=1800.0,
+                        help="seconds to wait for the servers (vLLM compiles its model at start: minutes)")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench" / "server.json"))
     return parser.parse_args(argv)
 
