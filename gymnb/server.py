@@ -140,7 +140,8 @@ async def health(request: web.Request) -> web.Response:
     body = {"status": "ok"}
     if has_api_key(request, request.app[API_KEY_KEY]):
         engine = request.app[ENGINE_KEY]
-        body.update(num_active=engine.num_active, num_waiting=engine.num_waiting, stats=dict(engine.stats))
+        body.update(num_active=engine.num_active, num_waiting=engine.num_waiting, stats=dict(engine.stats),
+                    torch_threads=engine.threads.threads if engine.threads else None)
     return web.json_response(body)
 
 
@@ -336,7 +337,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--api-key-file", default=None, metavar="PATH", help="file holding the API key")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the most the engine uses)")
+    parser.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="shrink the engine's torch threads to the cores other processes leave free")
     parser.add_argument("--chat-template", default=None, help="template name in configs/templates or a file")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: preset's)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together per step")
@@ -354,7 +357,8 @@ def main(argv: list[str]) -> int:
         api_key=api_key,
         dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
-        prefix_cache_bytes=args.prefix_cache_mb << 20, splice=args.splice, fault=args.fault)
+        prefix_cache_bytes=args.prefix_cache_mb << 20, adapt_threads=args.adapt_threads, splice=args.splice,
+        fault=args.fault)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

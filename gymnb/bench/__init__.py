@@ -1,4 +1,4 @@
-"""Benchmarks stage: `gymnb bench server|rollouts|train`, each a module with its own `main(argv)`.
+"""Benchmarks stage: `gymnb bench server|logprobs|rollouts|train`, each a module with its own `main(argv)`.
 
 Imports are lazy so that one benchmark's dependencies never slow down or break another.
 """
@@ -9,7 +9,8 @@ import importlib
 import sys
 
 BENCHES = {
-    "server": ("gymnb.bench.server", "server tokens/s vs in-process batching (and transformers serve)"),
+    "server": ("gymnb.bench.server", "server tokens/s beside real vLLM and transformers serve (--busy: on a loaded CPU)"),
+    "logprobs": ("gymnb.bench.logprobs", "token_mult_prob_error of each engine x trainer dtype (gymnb, vLLM)"),
     "rollouts": ("gymnb.bench.rollouts", "rollouts per minute and time spent outside the model"),
     "train": ("gymnb.bench.train", "GRPO step time and its parts"),
 }

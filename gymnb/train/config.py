@@ -15,7 +15,12 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 @dataclass
 class ModelSection:
     name: str = "smollm2-135m"  # preset (configs/models), local HF-format dir, or hub id
-    dtype: str | None = None  # float32 | bfloat16 | float16; None = the preset's
+    dtype: str | None = None  # float32 | bfloat16 | float16; None = the preset's (the trainer's weights)
+    # float32 | bfloat16; None = dtype. The dtype the policy server and the trainer's forward/backward compute
+    # in: bfloat16 serves a bf16 copy of the weights (the CPU's AMX units) and scores it with the same bf16
+    # forward, over float32 weights the optimizer updates (gymnb.train.loss.forward_in_dtype). Not exact:
+    # bf16 rounding follows the evaluation order, so pair it with loss.importance_sampling=true.
+    compute_dtype: str | None = None
     device: str | None = None  # cpu | cuda | cuda:N; None = the preset's
     threads: int | None = None  # torch intra-op threads for trainer and server; None = torch's default
     chat_template: str | None = None  # template name in configs/templates or a file; None = the preset's
@@ -113,6 +118,8 @@ class GRPOConfig:
             raise ValueError(f"env.name={self.env.name!r}: expected one of {list(ENVS)}")
         if self.optimizer.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"optimizer.lr_schedule={self.optimizer.lr_schedule!r}: expected {list(LR_SCHEDULES)}")
+        if self.model.compute_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"model.compute_dtype={self.model.compute_dtype!r}: expected float32 or bfloat16")
         checks = [
             (self.grpo.group_size >= 2, "grpo.group_size must be >= 2 (the baseline needs other samples)"),
             (self.grpo.num_prompts_per_step >= 1, "grpo.num_prompts_per_step must be >= 1"),

@@ -157,7 +157,10 @@ def start_stack(cfg: GRPOConfig, state: TrainState, stack: ExitStack):
     engine_opts = {}
     if cfg.generation.max_batch_size:
         engine_opts["max_batch_size"] = cfg.generation.max_batch_size
-    served = dataclasses.replace(state.loaded, model=copy.deepcopy(state.loaded.model).eval().requires_grad_(False))
+    served_model = copy.deepcopy(state.loaded.model).eval().requires_grad_(False)
+    if cfg.model.compute_dtype:  # refits copy the trainer's weights in, rounded to this dtype
+        served_model.to(getattr(torch, cfg.model.compute_dtype))
+    served = dataclasses.replace(state.loaded, model=served_model)
     state.generation_timer = ForwardTimer(served.model)
     server = stack.enter_context(PolicyServer.start(served, model_id=cfg.model.name, **engine_opts))
     gym = stack.enter_context(start_gym([cfg.env.name], policy_base_url=server.base_url,
@@ -229,7 +232,8 @@ def run_step(cfg: GRPOConfig, state: TrainState, rows: list[dict], server, gym) 
             state.loaded.model, state.optimizer, state.scheduler, batch,
             micro_batch_size=cfg.optimizer.micro_batch_size, temperature=cfg.generation.temperature,
             pad_token_id=tokenizer.pad_token_id, loss_cfg=cfg.loss, max_grad_norm=cfg.optimizer.max_grad_norm,
-            reference_model=state.reference))
+            reference_model=state.reference,
+            compute_dtype=getattr(torch, cfg.model.compute_dtype) if cfg.model.compute_dtype else None))
     else:  # every group uniform: no gradient; keep the schedule in step with the step count
         state.scheduler.step()
     timings["timing/train_s"] = time.perf_counter() - started

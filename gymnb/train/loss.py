@@ -58,6 +58,7 @@ def compute_token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     loss_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """log_softmax(logits / T)[token] for every token of `input_ids` (B, T) -> (B, T); column 0 is 0.
 
@@ -65,6 +66,9 @@ def compute_token_logprobs(
     greedy and counts as 1, no top-k/top-p truncation), so the two are directly comparable.
     With `loss_mask` (B, T), only columns from the first trainable one on are computed (the rest are 0): the
     vocabulary projection of prompt positions, a large share of a short-answer batch, is skipped.
+    `compute_dtype` (e.g. bfloat16, with float32 weights): the forward runs on a copy of the weights rounded to
+    that dtype, as an engine loaded in it computes, while gradients flow back to the float32 weights (the
+    optimizer's updates, far below bf16's resolution of a weight, would otherwise be rounded away).
     """
     temp = temperature if temperature and temperature > 0 else 1.0
     width = input_ids.shape[1]
@@ -73,14 +77,28 @@ def compute_token_logprobs(
         start = max(int(loss_mask.bool().any(0).nonzero()[0]), 1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); right padding keeps 0..n-1
     # logits_to_keep = K returns the logits of the last K positions: positions start-1 .. T-1.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=width - start + 1).logits  # (B, K, V)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False, "logits_to_keep": width - start + 1}
+    logits = forward_in_dtype(model, kwargs, compute_dtype).logits  # (B, K, V)
     logits = logits[:, :-1].float() / temp  # (B, T-start, V): position t predicts token t+1
     targets = input_ids[:, start:]  # (B, T-start)
     # logsumexp + gather instead of a full log_softmax: avoids a second (B, T, V) tensor.
     token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-start)
     logprobs = token_logits - torch.logsumexp(logits, dim=-1)  # (B, T-start)
     return torch.cat([logprobs.new_zeros(logprobs.shape[0], start), logprobs], dim=1)  # (B, T)
+
+
+def forward_in_dtype(model: torch.nn.Module, kwargs: dict, compute_dtype: torch.dtype | None):
+    """`model(**kwargs)`, with the parameters cast to `compute_dtype` when they are not in it already.
+
+    Only parameters are cast, as `from_pretrained(dtype=...)` does (rotary frequencies stay float32), so the
+    forward is the one an engine holding these weights in `compute_dtype` runs; the casts are differentiable.
+    """
+    params = dict(model.named_parameters())
+    if compute_dtype is None or all(p.dtype == compute_dtype for p in params.values()):
+        return model(**kwargs)
+    cast = {name: p.to(compute_dtype) for name, p in params.items()}
+    return torch.func.functional_call(model, cast, args=(), kwargs=kwargs, tie_weights=True)
 
 
 def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:

@@ -44,19 +44,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, max_steps: int):
 
 
 def accumulate_gradients(model, batch: TrainBatch, *, micro_batch_size: int, temperature: float,
-                         pad_token_id: int, loss_cfg, reference_model=None) -> dict[str, float]:
-    """Forward/backward every micro-batch of `batch`; gradients sum to the step's gradient. Returns sums."""
+                         pad_token_id: int, loss_cfg, reference_model=None,
+                         compute_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Forward/backward every micro-batch of `batch`; gradients sum to the step's gradient. Returns sums.
+
+    `compute_dtype`: the dtype the forward runs in (the serving engine's), over `model`'s own weights."""
     num_global_tokens = batch.num_trainable_tokens
     use_kl = loss_cfg.kl_coef > 0 and reference_model is not None
     totals: dict[str, float] = {"loss": 0.0}
     for mb in iter_micro_batches(batch, micro_batch_size, pad_token_id):
         logprobs = compute_token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
-                                          mb.loss_mask)  # (B, T)
+                                          mb.loss_mask, compute_dtype)  # (B, T)
         reference = None
         if use_kl:
             with torch.no_grad():
                 reference = compute_token_logprobs(reference_model, mb.input_ids, mb.attention_mask,
-                                                   temperature, mb.loss_mask)
+                                                   temperature, mb.loss_mask, compute_dtype)
         out = policy_loss(
             logprobs, logprobs.detach(), mb.advantages, mb.loss_mask, num_global_tokens,
             clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
@@ -75,7 +78,8 @@ def accumulate_gradients(model, batch: TrainBatch, *, micro_batch_size: int, tem
 
 
 def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_size: int, temperature: float,
-               pad_token_id: int, loss_cfg, max_grad_norm: float, reference_model=None) -> dict[str, float]:
+               pad_token_id: int, loss_cfg, max_grad_norm: float, reference_model=None,
+               compute_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One optimizer step on `batch`; returns step metrics (token means, grad norm, lr).
 
     The loss is computed in eval mode (dropout off), as the server computes generation log-probs: with
@@ -86,7 +90,8 @@ def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_si
     optimizer.zero_grad(set_to_none=True)
     started = time.perf_counter()
     sums = accumulate_gradients(model, batch, micro_batch_size=micro_batch_size, temperature=temperature,
-                                pad_token_id=pad_token_id, loss_cfg=loss_cfg, reference_model=reference_model)
+                                pad_token_id=pad_token_id, loss_cfg=loss_cfg, reference_model=reference_model,
+                                compute_dtype=compute_dtype)
     forward_backward_s = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
     # clip_grad_norm_ with an infinite limit still returns the norm, so the metric exists with clipping off.

@@ -1,0 +1,84 @@
+"""Policy server, CPU threads: size the engine's torch thread team to the cores other processes leave free.
+
+Why a fixed team collapses on a shared CPU: torch splits each op of a forward pass over an OpenMP team and
+ends it at a barrier, so an op lasts as long as its slowest thread. When another CPU-bound process holds a
+core, the team's thread on that core runs only in the scheduler's time slices (milliseconds) while its
+partner waits at the barrier, spinning, so the free core looks busy and the straggler is not moved there.
+A decode step is some hundreds of ops, each of them now waiting for a slice: on the 2-core machine this
+took the server from ~200 to ~6 tokens/s. A team no larger than the free cores never waits for a thread
+that is not running; on that machine, one thread with one core busy keeps most of the quiet throughput.
+
+So the engine's worker thread calls `adjust()` before every step. At most once a `interval` it reads the
+machine's busy CPU time (/proc/stat) less this process's own (/proc/self/stat): the CPUs other processes
+used meanwhile. The team is then the CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are
+per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
+Off Linux (no /proc) the team stays at `max_threads`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# How much of a core others may use before the team gives that core up: a light neighbour (an HTTP client,
+# a logger) costs a fixed team little, a CPU-bound one costs it almost everything (see the module docstring).
+SPARE_CORE_SLACK = 0.3
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def read_cpu_ticks() -> tuple[float, int, int] | None:
+    """(monotonic time, busy ticks of all CPUs, ticks of this process), or None without /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return time.monotonic(), user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+
+
+def threads_for(others_cpus: float, cpus: int, max_threads: int) -> int:
+    """The team size that leaves other processes the cores they use (see SPARE_CORE_SLACK)."""
+    return max(1, min(max_threads, math.floor(cpus - others_cpus + SPARE_CORE_SLACK)))
+
+
+class ThreadBudget:
+    """Keeps the calling thread's torch team at the CPUs other processes leave free (see module docstring)."""
+
+    def __init__(self, max_threads: int | None = None, *, interval: float = 1.0):
+        self.max_threads = max_threads or torch.get_num_threads()
+        self.interval = interval
+        self.cpus = usable_cpus()
+        self.threads: int | None = None  # the team size last set; None until the first adjust()
+        self.others_cpus: float | None = None  # CPUs other processes used over the last interval
+        self._last = read_cpu_ticks()
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def adjust(self) -> int:
+        """Resize the calling thread's team if the free cores changed; returns its size. Cheap when not due."""
+        if self.threads is None:
+            self._set(self.max_threads)
+        now = read_cpu_ticks()
+        if now is None or self._last is None or now[0] - self._last[0] < self.interval:
+            return self.threads
+        seconds = now[0] - self._last[0]
+        others_ticks = (now[1] - self._last[1]) - (now[2] - self._last[2])
+        self._last = now
+        self.others_cpus = max(others_ticks, 0) / self._hz / seconds
+        self._set(threads_for(self.others_cpus, self.cpus, self.max_threads))
+        return self.threads
+
+    def _set(self, threads: int) -> None:
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads

@@ -1,0 +1,133 @@
+"""bf16: a bf16 engine agrees with a trainer computing in bf16 within a tolerance; float32 stays exact.
+
+The trainer keeps float32 weights and runs its forward on their bf16 rounding (`compute_dtype`), which is what
+an engine loaded in bf16 holds, so the two see the same weights and kernels and differ only by the engine's
+incremental (KV-cached, batched) evaluation order. On a 2-layer model that leaves the bf16 pairing closer than
+bf16 vs float32; 30 layers deep (SmolLM2-135M) it does not (see the README), which is why float32 is the default.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gymnb.cpu_threads import ThreadBudget, threads_for
+from gymnb.engine import GenerationEngine, SamplingParams
+from gymnb.models import load_model
+from gymnb.train.batching import Sequence, TrainBatch
+from gymnb.train.config import GRPOConfig, LossSection, ModelSection, OptimizerSection
+from gymnb.train.loss import compute_token_logprobs, logprob_error_sums
+from gymnb.train.step import make_optimizer, make_scheduler, train_step
+
+PROMPTS = ["Hi", "Tell me a story about a cat", "2+2=", "Why is the sky blue?", "List three fruits", "Bye"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir):
+    return load_model(str(tiny_model_dir), max_model_len=512)  # float32 weights
+
+
+def generate(tiny_model_dir, dtype: str) -> list[tuple[list[int], list[int], list[float]]]:
+    """(prompt ids, generated ids, generation log-probs) of every prompt, sampled by an engine in `dtype`."""
+    loaded = load_model(str(tiny_model_dir), dtype=dtype, max_model_len=512)
+    engine = GenerationEngine(loaded, max_batch_size=8)
+    try:
+        prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+        results = engine.generate_batch(prompts, SamplingParams(max_tokens=24, temperature=1.0, seed=3,
+                                                                ignore_eos=True))
+    finally:
+        engine.close()
+    return [(p, g[0].token_ids, g[0].log_probs) for p, g in zip(prompts, results, strict=True)]
+
+
+def mult_prob_error(model, generations, compute_dtype=None) -> float:
+    sums, tokens = 0.0, 0
+    for prompt, gen, lps in generations:
+        ids = torch.tensor([prompt + gen])
+        with torch.no_grad():
+            train_lp = compute_token_logprobs(model, ids, torch.ones_like(ids), 1.0, compute_dtype=compute_dtype)
+        mask = torch.zeros_like(train_lp)
+        mask[0, len(prompt):] = 1
+        gen_lp = torch.zeros_like(train_lp)
+        gen_lp[0, len(prompt):] = torch.tensor(lps)
+        sums += logprob_error_sums(train_lp, gen_lp, mask)["mult_prob_error_sum"]
+        tokens += len(gen)
+    return sums / tokens
+
+
+def test_bf16_engine_matches_a_bf16_trainer_and_float32_stays_exact(tiny_model_dir, trainer):
+    bf16 = generate(tiny_model_dir, "bfloat16")
+    same_dtype = mult_prob_error(trainer.model, bf16, compute_dtype=torch.bfloat16)
+    cross_dtype = mult_prob_error(trainer.model, bf16)
+    assert same_dtype <= 1.002
+    assert same_dtype < cross_dtype  # the bf16 trainer is the closer match, not merely a loose tolerance
+    f32 = generate(tiny_model_dir, "float32")
+    assert mult_prob_error(trainer.model, f32) <= 1.0 + 1e-4
+
+
+def test_bf16_compute_trains_the_float32_weights(tiny_model_dir):
+    """Updates far below bf16's resolution of a weight still land: the optimizer steps float32 weights."""
+    model = load_model(str(tiny_model_dir)).model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = list(range(20, 40))
+    batch = TrainBatch([Sequence(ids, [False] * 10 + [True] * 10, [0.0] * 20, 1.0, 0),
+                        Sequence(ids[::-1], [False] * 10 + [True] * 10, [0.0] * 20, 0.0, 0)],
+                       torch.tensor([1.0, -1.0]))
+    opt_cfg = OptimizerSection(lr=1e-5, weight_decay=0.0)
+    optimizer = make_optimizer(model, opt_cfg)
+    train_step(model, optimizer, make_scheduler(optimizer, opt_cfg, 1), batch, micro_batch_size=2,
+               temperature=1.0, pad_token_id=0, loss_cfg=LossSection(), max_grad_norm=0.0,
+               compute_dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32
+        assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_compute_dtype_is_checked_at_config_load():
+    with pytest.raises(ValueError, match="model.compute_dtype"):
+        GRPOConfig(model=ModelSection(compute_dtype="int8"))
+
+
+def test_thread_team_leaves_busy_cores_to_other_processes():
+    assert threads_for(others_cpus=1.0, cpus=2, max_threads=2) == 1  # a CPU-bound neighbour on one core
+    assert threads_for(others_cpus=0.15, cpus=2, max_threads=2) == 2  # an HTTP client's share: keep both
+    assert threads_for(others_cpus=9.0, cpus=2, max_threads=2) == 1  # never below one thread
+    assert threads_for(others_cpus=0.0, cpus=8, max_threads=4) == 4  # never above the configured team
+
+
+def test_thread_budget_resizes_only_the_calling_thread():
+    """The engine's worker resizes its own team; a trainer on another thread keeps its thread count."""
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(caller_threads)  # as load_model(threads=) and a trainer's own setting do
+    seen = {}
+
+    def worker():
+        budget = ThreadBudget(max_threads=1)
+        seen["team"] = budget.adjust()
+        seen["torch"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"team": 1, "torch": 1}
+    assert torch.get_num_threads() == caller_threads
+
+
+def test_two_level_sampler_picks_what_one_full_cdf_picks():
+    """The sampler's block-wise inverse CDF against a plain cumsum + searchsorted, zero-mass runs included."""
+    from gymnb.engine import inverse_cdf
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(32, 1000, generator=generator), dim=-1)  # 1000: not a block multiple
+    probs[0, 10:] = 0  # all mass in the first block
+    probs[1, :-1] = 0  # all mass on the last token
+    probs[2, 100:900] = 0  # a long zero run across blocks
+    uniforms = torch.rand(32, generator=generator)
+    uniforms[3], uniforms[4] = 0.0, 1.0 - 1e-7
+    cdf = probs.cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    picks = inverse_cdf(probs, uniforms)
+    assert torch.equal(picks, expected.clamp(max=999))
+    assert bool((probs.gather(1, picks[:, None]) > 0).all())  # never a token without mass
