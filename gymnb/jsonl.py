@@ -16,19 +16,25 @@ from gymnb.errors import ConfigError
 def read_jsonl(path: str | Path, *, what: str = "one JSON object per line") -> list[dict]:
     """The objects of a JSONL file, in order. ConfigError for a missing file or a bad line, naming `what`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: pass the JSONL file inside it (e.g. {path}/rollouts.jsonl); "
+                          f"expected {what}")
     if not path.is_file():
         raise ConfigError(f"{path} does not exist (expected a JSONL file: {what})")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); expected {what}") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
-                                  f"expected {what}")
-            records.append(record)
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); expected {what}") from None
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
+                                      f"expected {what}")
+                records.append(record)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): expected a JSONL file, {what}") from None
     return records
