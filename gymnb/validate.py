@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -25,16 +26,17 @@ from gymnb.report import write_report
 from gymnb.runner import (
     check_kernel,
     inspect_parameters,
-    notebook_path,
     parse_parameter_overrides,
     resolve_parameters,
     run_layers,
+    shipped_notebook,
 )
 
 # Set from the command's flags, not from -p, so that one spelling exists for each.
 FLAG_PARAMETERS = {"base_url": "--base-url", "gym_head_url": "--gym", "env": "--env", "api_key": "--api-key",
                    "output_dir": "--out"}
 POLICY_LAYERS = {"http_endpoint", "rollout_collection", "token_continuity"}
+ROLLOUTS_FILE = ("03_rollout_collection", "rollouts.jsonl")  # where layer 03 writes, inside the run folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +65,12 @@ def list_parameters() -> str:
     """Every notebook parameter with its default, its notebooks and the comment that documents it."""
     seen: dict[str, dict] = {}
     for layer in LAYERS:
-        for name, info in inspect_parameters(notebook_path(layer)).items():
+        for name, info in inspect_parameters(shipped_notebook(layer)[0]).items():
             seen.setdefault(name, {**info, "layers": []})["layers"].append(layer)
     lines = []
     for name, info in seen.items():
         flag = f"  (set with {FLAG_PARAMETERS[name]})" if name in FLAG_PARAMETERS else ""
-        lines.append(f"{name} = {info['default']}  [{', '.join(info['layers'])}]{flag}\n    {info['help']}")
+        lines.append(f"{name} = {json.dumps(info['default'])}  [{', '.join(info['layers'])}]{flag}\n    {info['help']}")
     return "\n".join(lines)
 
 
@@ -91,6 +93,21 @@ def check_parameter_keys(params: dict) -> None:
 def redact(params: dict) -> dict:
     """Parameters as shown in the report: an API key never lands in a shareable file."""
     return {k: ("***" if k == "api_key" and v else v) for k, v in params.items()}
+
+
+def run_defaults(run_dir: Path, user_params: dict) -> dict:
+    """Values the runner fixes for this run: layers 04 and 05 read this run's rollouts unless told otherwise, so
+    a run never checks another run's rollouts (the path is in the report either way)."""
+    if "rollouts_path" in user_params:
+        return {}
+    return {"rollouts_path": str(run_dir.resolve().joinpath(*ROLLOUTS_FILE))}
+
+
+def print_notebook_notes(layers: list[str]) -> None:
+    for layer in layers:
+        note = shipped_notebook(layer)[1]
+        if note:
+            print(f"note: {note}", flush=True)
 
 
 def open_integration(args, layers: list[str], model: str) -> Integration:
@@ -118,18 +135,20 @@ def main(argv: list[str]) -> int:
     resolve_parameters(layers, user_params)  # fail on a bad -p or a missing kernel before starting any server
     check_kernel()
     print(f"gymnb validate: run folder {run_dir}", flush=True)
+    print_notebook_notes(layers)
     integration = open_integration(args, layers, model)
     embedded = integration.embedded  # before stop() empties it
     try:
         shared = {"base_url": integration.base_url, "gym_head_url": integration.head_url or "", "env": args.env,
-                  "api_key": args.api_key, "model": model}
+                  "api_key": args.api_key, "model": model, **run_defaults(run_dir, user_params)}
         resolved = resolve_parameters(layers, user_params, shared)
         runs = run_layers(run_dir, resolved, timeout=args.timeout)
     finally:
         integration.stop()
     record = {"base_url": integration.base_url, "gym_head_url": integration.head_url, "env": args.env,
               "model": model, "model_id": integration.model_id, "embedded": embedded,
-              "layers": {run.layer: redact(run.parameters) for run in runs}}
+              "layers": {run.layer: redact(run.parameters) for run in runs},
+              "notebook_notes": {run.layer: run.note for run in runs if run.note}}
     index, _ = write_report(run_dir, runs, record, run_id=run_dir.name)
     failed = [run for run in runs if not run.passed]
     verdict = "all layers passed" if not failed else f"{len(failed)} of {len(runs)} layers failed"
