@@ -1,8 +1,8 @@
 """Token continuity: is a multi-turn rollout still on-policy? (stage: rollouts -> training)
 
 A rollout is NeMo Gym's `/run` result. The LAST output item of each model call carries that call's token fields
-(`prompt_token_ids`, `generation_token_ids`, `generation_log_probs`; protocol.md section 3). The invariant that
-the on-policy splice guarantees (section 2): for consecutive calls k-1, k, `prompt_token_ids[k]` starts with
+(`prompt_token_ids`, `generation_token_ids`, `generation_log_probs`; docs/protocol.md). The invariant that
+the on-policy splice guarantees: for consecutive calls k-1, k, `prompt_token_ids[k]` starts with
 `prompt_token_ids[k-1] + generation_token_ids[k-1]`. A generation cut by max_tokens has no end-of-turn token;
 the template re-adds one after it, so the plain prefix test covers both cases.
 
@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from gymnb.divergence import KIND_LABELS, Divergence, find_divergence
+from gymnb.divergence import KIND_LABELS, Divergence, find_divergence, fix_for
 from gymnb.errors import ContinuityError, GymnbError
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
@@ -120,6 +120,9 @@ def check_continuity(rollout: dict | list, tokenizer=None, *, rollout_index: int
         if divergence is not None:
             divergence.model_call = call
             divergence.rollout_index = rollout_index
+            # a probe records that it sent the token fields back; a /run result cannot say
+            sent = rollout.get("sent_token_fields") if isinstance(rollout, dict) else None
+            divergence.fix = fix_for(divergence.kind, sent)
             return ContinuityResult(False, len(turns), divergence=divergence, rollout_index=rollout_index)
     return ContinuityResult(True, len(turns), rollout_index=rollout_index)
 
