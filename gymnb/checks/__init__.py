@@ -13,7 +13,7 @@ from gymnb.checks.integration import (
     layer_output_dir,
     load_rollouts,
 )
-from gymnb.checks.result import LAYERS, Check, LayerFailed, LayerResult, write_results
+from gymnb.checks.result import LAYERS, Check, LayerFailed, LayerResult, raise_if_failed, write_results
 
 __all__ = ["LAYERS", "Check", "Integration", "LayerFailed", "LayerResult", "connect", "find_rollouts",
-           "layer_output_dir", "load_rollouts", "write_results"]
+           "layer_output_dir", "load_rollouts", "raise_if_failed", "write_results"]
