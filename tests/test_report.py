@@ -78,7 +78,9 @@ def test_index_is_self_contained_with_embedded_plot_links_and_divergence(tmp_pat
     png = (tmp_path / "03_rollout_collection" / "reward_histogram.png").read_bytes()
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
     assert 'src="http' not in page and "<link" not in page and "<script" not in page  # nothing fetched
-    assert 'href="04_token_continuity/notebook.html"' in page
+    # the executed notebook travels inside the page: a link to a sibling file breaks for whoever gets index.html
+    assert 'href="04_token_continuity/notebook.html"' not in page and 'href="#notebook-token_continuity"' in page
+    assert 'id="notebook-token_continuity"' in page and 'srcdoc="&lt;html&gt;executed&lt;/html&gt;"' in page
     assert DIVERGENCE_HTML in page
     assert "rollout 1: model call 2 diverges at token 17" in page
     assert "workplace_assistant" in page  # resolved parameters shown
