@@ -297,15 +297,21 @@ def read_rollouts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise GymnbError(f"{path} does not exist")
+    if path.is_dir():
+        raise GymnbError(f"{path} is a directory: pass the rollouts JSONL file inside it (e.g. {path}/rollouts.jsonl)")
     rollouts = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rollouts.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise GymnbError(f"{path}:{number}: not valid JSON ({exc.msg}); is this a rollouts JSONL file?")
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rollouts.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise GymnbError(f"{path}:{number}: not valid JSON ({exc.msg}); is this a rollouts JSONL file?")
+    except UnicodeDecodeError:
+        raise GymnbError(f"{path} is not a text file (not UTF-8): pass a rollouts JSONL file, one /run result "
+                         "per line") from None
     return rollouts
 
 
@@ -314,7 +320,7 @@ def _guess_tokenizer(rollouts: list[dict]):
     directory (gymnb's server names its model that way); else (None, None)."""
     from gymnb.models import list_presets, load_tokenizer
 
-    names = {r.get("response", {}).get("model") for r in rollouts if isinstance(r.get("response"), dict)}
+    names = {r["response"].get("model") for r in rollouts if isinstance(r, dict) and isinstance(r.get("response"), dict)}
     names = [n for n in names if isinstance(n, str) and (n in list_presets() or (Path(n) / "config.json").exists())]
     return (load_tokenizer(names[0]), names[0]) if len(names) == 1 else (None, None)
 
@@ -335,7 +341,9 @@ def format_summary(summary: ContinuitySummary, max_shown: int = 20) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gymnb check-continuity",
                                      description="Check token continuity of every rollout in a JSONL file "
-                                                 "(gymnb collect or NeMo Gym ng_collect_rollouts output).")
+                                                 "(gymnb collect or NeMo Gym ng_collect_rollouts output).",
+                                     epilog="Exit code 0: every multi-turn rollout is continuous; 1: a rollout "
+                                            "is broken, or nothing multi-turn was there to check.")
     parser.add_argument("file", help="rollouts JSONL, one /run result per line")
     parser.add_argument("--tokenizer", help="preset name or local HF dir, to classify and decode divergences "
                                             "(default: the rollouts' response.model when it is a preset)")
@@ -343,6 +351,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-shown", type=int, default=20, help="broken rollouts to print (default 20)")
     args = parser.parse_args(argv)
     rollouts = read_rollouts(args.file)
+    if not rollouts:
+        raise GymnbError(f"{args.file} holds no rollouts (empty file): nothing was checked")
     if args.tokenizer:
         from gymnb.models import load_tokenizer
 
@@ -357,4 +367,9 @@ def main(argv: list[str]) -> int:
     if args.json_out:
         payload = {"file": str(args.file), "tokenizer": name, **summary.to_dict()}
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
+    if summary.ok and not summary.num_multi_turn:
+        print(f"nothing was checked: none of the {summary.num_rollouts} rollouts has two or more model calls, and "
+              "continuity is about what one call passes to the next. Collect multi-turn rollouts (e.g. --env "
+              "workplace_assistant) or run layer 04 of `gymnb validate`, whose probes are multi-turn.", file=sys.stderr)
+        return 1
     return 0 if summary.ok else 1
