@@ -110,10 +110,28 @@ def print_notebook_notes(layers: list[str]) -> None:
             print(f"note: {note}", flush=True)
 
 
+def check_not_a_head_server(base_url: str) -> None:
+    """A NeMo Gym head server given as --base-url fails every policy check with a puzzling 404; say what it is."""
+    import urllib.request
+
+    url = base_url.rstrip("/").removesuffix("/v1") + "/global_config_dict_yaml"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            is_head = reply.status == 200
+    except (OSError, ValueError):
+        return  # not a head server (or not up): layer 01 reports what the URL does answer
+    if is_head:
+        raise ConfigError(f"--base-url {base_url} is a NeMo Gym head server (it serves /global_config_dict_yaml), "
+                          f"not a policy server. Fix: pass it as --gym {base_url}; the policy server is then "
+                          "found in its config (policy_base_url), or give that with --base-url")
+
+
 def open_integration(args, layers: list[str], model: str) -> Integration:
     """Connect to (or start) what the selected layers talk to; layers 02 and 05 alone need no server."""
     if not set(layers) & POLICY_LAYERS:
         return Integration(args.base_url, args.gym or None, "")
+    if args.base_url:
+        check_not_a_head_server(args.base_url)
     integration = connect(args.base_url, args.gym, model=model, envs=[args.env],
                           need_gym="rollout_collection" in layers, api_key=args.api_key)
     print(f"policy server {integration.base_url} ({integration.model_id}), gym head "
