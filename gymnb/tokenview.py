@@ -346,7 +346,7 @@ class RolloutExplorer:
 
         controls = widgets.HBox([self.buttons["prev-rollout"], self.picker, self.buttons["next-rollout"]])
         stepping = widgets.HBox([self.buttons["prev-divergence"], self.call, self.buttons["next-divergence"]])
-        box = ExplorerBox([controls, stepping, self.status, self.view])
+        box = explorer_box([controls, stepping, self.status, self.view])
         box.add_class("gnb-explorer")
         box.explorer = self
         return box
@@ -384,5 +384,6 @@ def _explorer_box_class():
     return _ExplorerBox
 
 
-def ExplorerBox(children):  # noqa: N802 - a class made on first use, so importing tokenview needs no ipywidgets
+def explorer_box(children):
+    """The box class is made on first use, so importing tokenview needs no ipywidgets."""
     return _explorer_box_class()(children)

@@ -20,13 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import launch
 from rollout_builders import build_rollout, naive_client
 
 from gymnb.runner import NOTEBOOKS_DIR
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def free_port() -> int:
@@ -76,28 +73,33 @@ def start_lab(root: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
 
 def accept_kernel_dialog(page) -> None:
     """A fresh JupyterLab (no saved settings) may ask which kernel to start: take the proposed Python 3."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     try:
         page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=15_000)
-    except Exception:  # noqa: BLE001 - no dialog: the kernel started on its own
+    except PlaywrightTimeout:  # no dialog: the kernel started on its own
         return
     page.locator(".jp-Dialog .jp-mod-accept").click()
 
 
 def dismiss_news_toast(page) -> None:
     """JupyterLab asks whether to fetch Jupyter news; answer No (no network, and a clear screenshot)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     try:
         page.locator(".jp-toast-button", has_text="No").first.click(timeout=10_000)
-    except Exception:  # noqa: BLE001 - no toast this time
-        pass
+    except PlaywrightTimeout:  # no toast this time
+        return
 
 
 def run_all_and_click(url: str, shots: Path) -> tuple[str, str, str]:
     """Open the notebook, Run All, wait for the explorer, click next divergence: (view before, view after,
     the notebook's text at the end)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as play:
-        browser = play.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(play)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -110,7 +112,7 @@ def run_all_and_click(url: str, shots: Path) -> tuple[str, str, str]:
             view = page.locator(".gnb-explorer .gnb-explorer-view")
             try:
                 view.wait_for(state="visible", timeout=300_000)
-            except Exception:
+            except PlaywrightTimeout:
                 page.screenshot(path=str(shots / "explorer_missing.png"), full_page=True)
                 raise AssertionError("no explorer after Run All; the notebook shows:\n"
                                      + page.locator(".jp-Notebook").inner_text()[-4000:]) from None
@@ -135,7 +137,6 @@ def test_explorer_runs_live_in_jupyterlab_on_a_failing_layer(tiny_model_dir, tok
 
     from gymnb.server import PolicyServer
 
-    assert Path(CHROMIUM).exists(), "Chromium is not installed: `apt-get install -y chromium` (.ci/run does this)"
     root = tmp_path / "lab"
     root.mkdir()
     shots = Path(os.environ.get("GYMNB_SCREENSHOTS") or tmp_path / "shots")

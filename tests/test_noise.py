@@ -84,6 +84,6 @@ def test_a_head_server_given_as_base_url_suggests_gym():
     from gymnb.gym import start_gym
     from gymnb.validate import main
 
-    with start_gym(["math_with_judge"], policy_base_url="http://127.0.0.1:9/v1", policy_model_name="m") as gym:
-        with pytest.raises(ConfigError, match=rf"is a NeMo Gym head server .* Fix: pass it as --gym {gym.head_url}"):
-            main(["--base-url", gym.head_url, "--layers", "http_endpoint"])
+    with start_gym(["math_with_judge"], policy_base_url="http://127.0.0.1:9/v1", policy_model_name="m") as gym, \
+            pytest.raises(ConfigError, match=rf"is a NeMo Gym head server .* Fix: pass it as --gym {gym.head_url}"):
+        main(["--base-url", gym.head_url, "--layers", "http_endpoint"])

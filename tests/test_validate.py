@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_raise_for_errors_names_each_failed_layer(tmp_path):
         raise_for_errors([run("http_endpoint", "pass"), run("token_continuity", "fail", "model call 1 diverges")])
 
 
-def committed_copy(tmp_path, monkeypatch, layer_file: str) -> "Path":
+def committed_copy(tmp_path, monkeypatch, layer_file: str) -> Path:
     """A git checkout holding one committed validation notebook; the runner reads notebooks from it."""
     import shutil
     import subprocess
