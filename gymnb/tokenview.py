@@ -355,12 +355,20 @@ class RolloutExplorer:
 def explore_rollouts(rollouts: list[dict], tokenizer, *, probes: list[dict] = (), fold: bool = True):
     """A widget over the probes and rollouts: it opens on the first divergence, steps to the next or previous
     divergence and sequence, names probes, and shows the fix for the divergence on screen. `probes` (layer
-    04's) come first; they also decide who is blamed for a broken rollout."""
+    04's) come first; they also decide who is blamed for a broken rollout. `tokenizer` may be a model name."""
+    import ipywidgets as widgets
+
     sequences = list(probes) + list(rollouts)
     if not sequences:
-        import ipywidgets as widgets
-
         return widgets.HTML('<div class="gnb-head">no rollouts or probes to explore</div>')
+    if isinstance(tokenizer, str):  # a model name (layer 03): a view, never a failed layer, if it cannot load
+        from gymnb.errors import ModelLoadError
+        from gymnb.models import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(tokenizer)
+        except ModelLoadError as exc:
+            return widgets.HTML(f'<div class="gnb-head">no explorer: {html.escape(str(exc))}</div>')
     return RolloutExplorer(sequences, tokenizer, fold=fold).widget()
 
 

@@ -124,3 +124,10 @@ def test_explorer_carries_a_static_view_for_html_exports(tokenizer):
     bundle = explore_rollouts([bad], tokenizer)._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert 'class="div"' in bundle["text/html"] and "Either the client" in bundle["text/html"]
+
+
+def test_explorer_given_a_model_name_that_cannot_load_shows_why_instead_of_failing(tokenizer):
+    good = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS)
+    widget = explore_rollouts([good], "smollm2-135")
+    text = html.unescape(widget.value)
+    assert "no explorer: unknown model 'smollm2-135'" in text and "did you mean smollm2-135m" in text
