@@ -104,7 +104,8 @@ def test_raise_for_errors_names_each_failed_layer(tmp_path):
 
 
 def committed_copy(tmp_path, monkeypatch, layer_file: str) -> Path:
-    """A git checkout holding one committed validation notebook; the runner reads notebooks from it."""
+    """A git checkout holding the committed validation notebooks; the runner reads them from it. Returns the
+    path of `layer_file` in it."""
     import shutil
     import subprocess
 
@@ -112,8 +113,7 @@ def committed_copy(tmp_path, monkeypatch, layer_file: str) -> Path:
 
     root = tmp_path / "repo"
     folder = root / "notebooks" / "validation"
-    folder.mkdir(parents=True)
-    shutil.copy(runner.NOTEBOOKS_DIR / layer_file, folder / layer_file)
+    shutil.copytree(runner.NOTEBOOKS_DIR, folder)
     git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "."], check=True)
