@@ -25,19 +25,20 @@ CRITERIA = {
     ("workplace", "cpu"): {"config": "grpo_workplace_cpu.yaml", "min_steps": 1, "improvement": True},
 }
 ENV_OF = {"math": "math_with_judge", "workplace": "workplace_assistant"}
-# Mode `smoke` (the notebooks' default): a real run of the scale's config, cut to minutes. It shows the loop
-# working end to end (steps, plots, on-policy health); the benchmark criterion needs mode `run`.
+# Mode `smoke` (the notebooks' default): a real run of the scale's config, cut to minutes and always fresh (no
+# resume). It shows the loop working end to end (steps, plots, on-policy health); the criterion needs mode `run`.
 SMOKE = {
     # drop_uniform_groups off: in two steps every group may score alike, and a dropped step trains nothing and
     # measures no token_mult_prob_error
     "math": {"steps": 2, "overrides": ["run_name=grpo_math_cpu_smoke", "grpo.max_steps=2",
                                        "grpo.num_prompts_per_step=4", "grpo.drop_uniform_groups=false",
                                        "env.validation_limit=16", "validation.every_steps=0",
-                                       "checkpoint.every_steps=0"]},
+                                       "checkpoint.every_steps=0", "checkpoint.resume=false"]},
     "workplace": {"steps": 1, "overrides": ["run_name=grpo_workplace_cpu_smoke", "grpo.max_steps=1",
                                             "grpo.num_prompts_per_step=1", "grpo.group_size=2",
                                             "grpo.drop_uniform_groups=false", "env.validation_limit=2",
-                                            "generation.max_new_tokens=48", "checkpoint.every_steps=0"]},
+                                            "generation.max_new_tokens=48", "checkpoint.every_steps=0",
+                                            "checkpoint.resume=false"]},
 }
 # What mode `run` costs, measured on the shared 2-core CPU (see the configs' headers and README).
 LONG_RUN_TIME = {("math", "cpu"): "10-25 min (24 steps, 2-core CPU)",
