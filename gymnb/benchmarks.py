@@ -243,6 +243,7 @@ def format_verdict(verdict: dict) -> str:
 def plot_training(metrics: list[dict], *, target_accuracy: float | None = None, title: str = ""):
     """Four panels: reward per step, validation accuracy (with the criterion line), mult-prob error, length."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     panels = [("train/reward_mean", "train reward (mean)", None),
@@ -253,7 +254,7 @@ def plot_training(metrics: list[dict], *, target_accuracy: float | None = None, 
         points = [(m["step"], m[key]) for m in metrics if key in m and m[key] is not None]
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if key.startswith("validation") else None, ms=4)
+            ax.plot(xs, ys, marker="o", ms=4 if key.startswith("validation") or len(xs) < 12 else 0)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         if line is not None:
@@ -264,6 +265,7 @@ def plot_training(metrics: list[dict], *, target_accuracy: float | None = None, 
             ax.legend(loc="best", fontsize=8)
         ax.set_title(label)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 0.5 ticks
     fig.suptitle(title)
     fig.tight_layout()
     return fig
