@@ -1,8 +1,8 @@
 """Token continuity: is a multi-turn rollout still on-policy? (stage: rollouts -> training)
 
 A rollout is NeMo Gym's `/run` result. The LAST output item of each model call carries that call's token fields
-(`prompt_token_ids`, `generation_token_ids`, `generation_log_probs`; protocol.md section 3). The invariant that
-the on-policy splice guarantees (section 2): for consecutive calls k-1, k, `prompt_token_ids[k]` starts with
+(`prompt_token_ids`, `generation_token_ids`, `generation_log_probs`; docs/protocol.md). The invariant that
+the on-policy splice guarantees: for consecutive calls k-1, k, `prompt_token_ids[k]` starts with
 `prompt_token_ids[k-1] + generation_token_ids[k-1]`. A generation cut by max_tokens has no end-of-turn token;
 the template re-adds one after it, so the plain prefix test covers both cases.
 
@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from gymnb.divergence import KIND_LABELS, Divergence, find_divergence
-from gymnb.errors import ContinuityError
+from gymnb.divergence import KIND_LABELS, Divergence, find_divergence, fix_for
+from gymnb.errors import ContinuityError, GymnbError
 from gymnb.jsonl import read_jsonl
 from gymnb.wire import WireError, message_bundle
 
@@ -114,6 +114,9 @@ def check_continuity(rollout: dict | list, tokenizer=None, *, rollout_index: int
         if divergence is not None:
             divergence.model_call = call
             divergence.rollout_index = rollout_index
+            # a probe records that it sent the token fields back; a /run result cannot say
+            sent = rollout.get("sent_token_fields") if isinstance(rollout, dict) else None
+            divergence.fix = fix_for(divergence.kind, sent)
             return ContinuityResult(False, len(turns), divergence=divergence, rollout_index=rollout_index)
     return ContinuityResult(True, len(turns), rollout_index=rollout_index)
 
@@ -250,7 +253,7 @@ def check_rollouts(rollouts, tokenizer=None) -> ContinuitySummary:
 
 def read_rollouts(path: str | Path) -> list[dict]:
     """Rollouts from a JSONL file; a line that is not a JSON object is an error naming its line number."""
-    return read_jsonl(path, what="one rollout (a NeMo Gym /run result) per line")
+    return read_jsonl(path, what="one rollout (a NeMo Gym /run result) per line", kind="rollouts JSONL")
 
 
 def _guess_tokenizer(rollouts: list[dict]):
@@ -258,7 +261,7 @@ def _guess_tokenizer(rollouts: list[dict]):
     directory (gymnb's server names its model that way); else (None, None)."""
     from gymnb.models import list_presets, load_tokenizer
 
-    names = {r.get("response", {}).get("model") for r in rollouts if isinstance(r.get("response"), dict)}
+    names = {r["response"].get("model") for r in rollouts if isinstance(r, dict) and isinstance(r.get("response"), dict)}
     names = [n for n in names if isinstance(n, str) and (n in list_presets() or (Path(n) / "config.json").exists())]
     return (load_tokenizer(names[0]), names[0]) if len(names) == 1 else (None, None)
 
@@ -279,7 +282,9 @@ def format_summary(summary: ContinuitySummary, max_shown: int = 20) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gymnb check-continuity",
                                      description="Check token continuity of every rollout in a JSONL file "
-                                                 "(gymnb collect or NeMo Gym ng_collect_rollouts output).")
+                                                 "(gymnb collect or NeMo Gym ng_collect_rollouts output).",
+                                     epilog="Exit code 0: every multi-turn rollout is continuous; 1: a rollout "
+                                            "is broken, or nothing multi-turn was there to check.")
     parser.add_argument("file", help="rollouts JSONL, one /run result per line")
     parser.add_argument("--tokenizer", help="preset name or local HF dir, to classify and decode divergences "
                                             "(default: the rollouts' response.model when it is a preset)")
@@ -287,6 +292,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-shown", type=int, default=20, help="broken rollouts to print (default 20)")
     args = parser.parse_args(argv)
     rollouts = read_rollouts(args.file)
+    if not rollouts:
+        raise GymnbError(f"{args.file} holds no rollouts (empty file): nothing was checked")
     if args.tokenizer:
         from gymnb.models import load_tokenizer
 
@@ -301,4 +308,9 @@ def main(argv: list[str]) -> int:
     if args.json_out:
         payload = {"file": str(args.file), "tokenizer": name, **summary.to_dict()}
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
+    if summary.ok and not summary.num_multi_turn:
+        print(f"nothing was checked: none of the {summary.num_rollouts} rollouts has two or more model calls, and "
+              "continuity is about what one call passes to the next. Collect multi-turn rollouts (e.g. --env "
+              "workplace_assistant) or run layer 04 of `gymnb validate`, whose probes are multi-turn.", file=sys.stderr)
+        return 1
     return 0 if summary.ok else 1

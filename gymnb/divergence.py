@@ -14,6 +14,10 @@ audit). The first mismatch is classified from the decoded text on both sides:
 
 Order matters: each test assumes the earlier ones failed (e.g. a re-rendered tool call whose text is unchanged
 is a BPE merge, not a tool-call re-render).
+
+The fix (`fix_for`) depends on the evidence of who dropped the generated ids. A conversation sent back with
+every assistant turn's token fields (layer 04's probes do this) that still diverges convicts the server: it
+ignored the fields. A rollout alone cannot say whether its client sent them; layer 04 compares the two.
 """
 
 from __future__ import annotations
@@ -38,8 +42,35 @@ WINDOW = 8  # tokens shown on each side of a divergence
 REASONING_TAGS = ("<think>", "<thinking>", "<reasoning>")
 TOOL_CALL_TAGS = (("<tool_call>", "</tool_call>"), ("<function=", "</function>"), ("[TOOL_CALLS]", None),
                   ("<|python_tag|>", None))
-FIX = ("Fix: send each earlier assistant message back with its token fields unchanged so the server splices the "
-       "generated ids (protocol.md section 2), instead of re-rendering the text.")
+SPLICE_RULE = ("build the next prompt from the last assistant message's prompt_token_ids + "
+               "generation_token_ids, then the template's rendering of what came after it (the on-policy splice, "
+               "docs/protocol.md)")
+SERVER_FIX = ("Server at fault: the history was sent with each assistant turn's token fields unchanged, and the "
+              f"server's prompt does not continue them, so it ignored them and re-tokenized the text. Fix the "
+              f"server: {SPLICE_RULE}.")
+CLIENT_FIX = ("Client at fault: the server splices histories that carry token fields (the probes stay continuous), "
+              "so the client re-sent these turns without them. Fix the client: send each earlier assistant message "
+              "back with prompt_token_ids, generation_token_ids and generation_log_probs unchanged (NeMo Gym's model "
+              "server does this when the policy's responses carry them).")
+UNKNOWN_FIX = ("Either the client re-sent the earlier assistant turn without its token fields, or the server "
+               "ignored them. Layer 04's probes, which always send the fields, tell which; the fix is on that side: "
+               f"the client must send the three fields back unchanged, the server must {SPLICE_RULE}.")
+TRUNCATED_FIX = ("Fix: keep the whole history in every call (raise the server's max_model_len, or stop the client "
+                 "from dropping turns).")
+SEPARATOR_FIX = ("Fix: keep the end-of-turn token between turns (the splice keeps the generated ids whole, "
+                 "including a trailing eos; a client must not strip it).")
+
+
+def fix_for(kind: str, sent_token_fields: bool | None) -> str:
+    """The fix for a continuity divergence of `kind`, given whether the client is known to have sent the
+    earlier turns' token fields (True: a probe; False: the probes passed, so the client did not; None: unknown)."""
+    if kind == TRUNCATED:
+        return TRUNCATED_FIX
+    if kind == SEPARATOR:
+        return SEPARATOR_FIX
+    if sent_token_fields is None:
+        return UNKNOWN_FIX
+    return SERVER_FIX if sent_token_fields else CLIENT_FIX
 
 
 @dataclasses.dataclass
@@ -61,6 +92,7 @@ class Divergence:
     actual_pieces: list[str] | None = None
     model_call: int | None = None
     rollout_index: int | None = None
+    fix: str = ""  # who is at fault and what to change (`fix_for`); empty outside a continuity check
 
     def describe(self) -> str:
         where = "the latest generation" if self.in_generation else "earlier history"
@@ -68,13 +100,22 @@ class Divergence:
         if self.model_call is not None:
             head = f"model call {self.model_call}, " + head
         lines = [f"{head}: {KIND_LABELS.get(self.kind, self.kind)}", f"  {self.explanation}"]
-        if self.expected_text is not None:
-            lines.append(f"  expected: {self.expected_text!r}")
-            lines.append(f"  actual:   {self.actual_text!r}")
+        if self.expected_pieces is not None:
+            # pieces, not one string: in a BPE merge both sides decode to the same text
+            lines.append(f"  expected: {self.split_at_mismatch(self.expected_pieces)}")
+            lines.append(f"  actual:   {self.split_at_mismatch(self.actual_pieces)}")
         else:
             lines.append(f"  expected ids: {self.expected_ids}")
             lines.append(f"  actual ids:   {self.actual_ids}")
+        if self.fix:
+            lines.append(f"  {self.fix}")
         return "\n".join(lines)
+
+    def split_at_mismatch(self, pieces: list[str]) -> str:
+        """Token pieces joined by `|`, the first mismatching one in [brackets]: `'Sk'|['inny']|' jeans'`."""
+        mismatch = self.token_index - self.window_start
+        shown = [f"[{piece!r}]" if i == mismatch else repr(piece) for i, piece in enumerate(pieces)]
+        return "|".join(shown) if shown else "(nothing: the sequence ends here)"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,17 +171,17 @@ def classify(expected: list[int], actual: list[int], index: int, tokenizer,
     if near and not text_a[min(near[1], char):].lstrip().startswith(near[0]):
         tag = near[0]
         return REASONING, (f"a {tag} block present in the generated ids is missing: the chat template (or the "
-                           f"client) stripped the reasoning of an earlier turn. {FIX}")
+                           f"client) stripped the reasoning of an earlier turn")
     if _in_tool_call(text_e, char) or _in_tool_call(text_a, char):
         return TOOL_CALL, (f"inside a tool call: generated {rest_e[:40]!r}, re-rendered {rest_a[:40]!r} "
-                           f"(the call was re-serialized from parsed JSON). {FIX}")
+                           f"(the call was re-serialized from parsed JSON)")
     removed = _removed_history(text_e, text_a, char, gen_char, tokenizer)
     if removed:
         return TRUNCATED, (f"{len(removed)} characters of earlier context are missing, starting "
                            f"{removed[:60]!r}: old turns were dropped or the prompt was cut on the left")
     if _squash(rest_a).startswith(_squash(rest_e)):
         return WHITESPACE, (f"only whitespace differs: generated {rest_e[:30]!r}, re-rendered {rest_a[:30]!r} "
-                            f"(content stripped or re-joined). {FIX}")
+                            "(content stripped or re-joined)")
     return OTHER, f"the texts differ: expected {rest_e[:40]!r}, got {rest_a[:40]!r}"
 
 
@@ -168,7 +209,7 @@ def _explain_merge(expected, actual, index, tokenizer) -> str:
     left = [p for p, e in zip(pieces_e, ends_e) if e <= stop] or pieces_e[:1]
     right = [p for p, e in zip(pieces_a, ends_a) if e <= stop] or pieces_a[:1]
     return (f"the same text, tokenized differently: generated {'|'.join(map(repr, left))}, re-tokenized "
-            f"{'|'.join(map(repr, right))}. {FIX}")
+            f"{'|'.join(map(repr, right))}")
 
 
 def _cumulative(pieces: list[str]) -> list[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import logging
 import secrets
 import threading
@@ -376,12 +377,12 @@ class _Batch:
         positions = (reuse[:, None] + new_mask.cumsum(-1) - 1).clamp(min=0)  # (b, S)
         cache, past_mask = self._cached_prefixes(newcomers)  # past_mask (b, C)
         mask = torch.cat([past_mask, new_mask], dim=1).to(self.device)  # (b, C + S)
+        name = cache_argument(self.model)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask,
-                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1, **{name: cache})
         self.engine.stats["prefills"] += 1
         lengths = torch.tensor([len(r.prompt_ids) for r in newcomers], device=self.device)
-        return out.logits[:, -1, :].float(), out.past_key_values, mask, lengths
+        return out.logits[:, -1, :].float(), getattr(out, name), mask, lengths
 
     def _cached_prefixes(self, newcomers: list[_Row]) -> tuple[DynamicCache, torch.Tensor]:
         """A cache holding each newcomer's reused prefix right-aligned in C columns, and its (b, C) mask."""
@@ -423,7 +424,7 @@ class _Batch:
         ids = torch.tensor([[r.out_ids[-1]] for r in self.rows], device=self.device)  # (B, 1)
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                         past_key_values=self.cache, use_cache=True)
+                         use_cache=True, **{cache_argument(self.model): self.cache})
         self.engine.stats["decode_steps"] += 1
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1, :].float()
@@ -500,6 +501,19 @@ class _Batch:
         if len(row.out_ids) >= row.max_new:
             return "length"
         return None
+
+
+@functools.cache
+def _cache_argument_of(model_class: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model) -> str:
+    """The forward() keyword of the KV cache: `cache` since transformers 5 renamed it (the old
+    `past_key_values` warns on every call), `past_key_values` before. The output field has the same name."""
+    return _cache_argument_of(type(model))
 
 
 def sample_tokens(rows: list[_Row], logits: torch.Tensor):

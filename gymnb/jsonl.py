@@ -13,11 +13,12 @@ from pathlib import Path
 from gymnb.errors import ConfigError
 
 
-def read_jsonl(path: str | Path, *, what: str = "one JSON object per line") -> list[dict]:
-    """The objects of a JSONL file, in order. ConfigError for a missing file or a bad line, naming `what`."""
+def read_jsonl(path: str | Path, *, what: str = "one JSON object per line", kind: str = "JSONL") -> list[dict]:
+    """The objects of a JSONL file, in order. ConfigError for a missing file or a bad line, naming `what`;
+    `kind` names the file a directory was given for ("rollouts JSONL")."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{path} is a directory: pass the JSONL file inside it (e.g. {path}/rollouts.jsonl); "
+        raise ConfigError(f"{path} is a directory: pass the {kind} file inside it (e.g. {path}/rollouts.jsonl); "
                           f"expected {what}")
     if not path.is_file():
         raise ConfigError(f"{path} does not exist (expected a JSONL file: {what})")

@@ -147,14 +147,43 @@ def resolve_model_path(name_or_path: str) -> tuple[Path | str, ModelPreset]:
         return ensure_gguf_model(preset), preset
     if preset.source != "hf" or not preset.path:
         raise ModelLoadError(f"preset {preset.name}: source must be gguf_wheel or hf (with path)")
+    check_reachable(preset.path, name_or_path)
     return preset.path, preset
+
+
+def check_reachable(path: str, name: str) -> None:
+    """Fail in milliseconds, before transformers is imported, for a name that can only end in hub retries: a
+    mistyped preset (no `/`), a local path that does not exist, or a hub id missing from the local cache while
+    HF_HUB_OFFLINE is set. The message suggests the closest preset."""
+    import difflib
+
+    if Path(path).exists():
+        return
+    choices = list_presets() + [p.path for p in map(get_preset, list_presets()) if p and p.source == "hf" and p.path]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    fix = f"Fix: {hint}Pass a preset ({', '.join(list_presets())}), a local HF-format directory or a hub id."
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
+    if "/" not in path:
+        raise ModelLoadError(f"unknown model {name!r}: not a preset and not a directory. {fix}")
+    if looks_local:
+        raise ModelLoadError(f"model directory {path} does not exist. {fix}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not in_hub_cache(path):
+        raise ModelLoadError(f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
+                             f"so it cannot be downloaded. {fix}")
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
     """The tokenizer of a model, with the preset's chat template (or `chat_template`) installed."""
+    path, preset = resolve_model_path(name_or_path)  # first: a bad name fails before transformers is imported
     from transformers import AutoTokenizer
 
-    path, preset = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except OSError as exc:
@@ -180,12 +209,12 @@ def load_model(
     max_model_len: int | None = None,
 ) -> LoadedModel:
     """Load a model for generation or training. Arguments left None come from the preset."""
+    path, preset = resolve_model_path(name_or_path)  # first: a bad name fails before torch is imported
     import torch
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
-    path, preset = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path, chat_template)
     torch_dtype = getattr(torch, dtype or preset.dtype)
     try:

@@ -1,8 +1,10 @@
 """Report stage: one self-contained `index.html` and a machine-readable `summary.json` for a validation run.
 
-index.html shows PASS/FAIL per layer with its reason, key figures, checks, the plots (embedded as data URIs so
-the one file can be mailed to a colleague), any HTML details a layer produced (e.g. the token view of a
-continuity divergence), links to each executed notebook's HTML, and the resolved parameters.
+index.html shows PASS/FAIL per layer with its reason, key figures, checks, the plots, any HTML details a layer
+produced (e.g. the token view of a continuity divergence), each executed notebook, and the resolved parameters.
+It is the one file to mail to a colleague: plots are data URIs, each executed notebook is embedded (an iframe
+`srcdoc`, script-free, so no CDN is needed), and every link is an anchor inside the file. The per-layer
+`notebook.html` files beside it are the same exports, for whoever has the whole folder.
 
 summary.json example:
     {"passed": false, "run_id": "20250101-120000", "layers": {"http_endpoint": {"status": "pass", "reason": "",
@@ -33,6 +35,8 @@ table{border-collapse:collapse;margin:.5rem 0 1rem} td,th{border:1px solid #d1d9
 section{border-top:2px solid #d1d9e0;margin-top:2rem;padding-top:.5rem}
 pre{white-space:pre-wrap;margin:0;font-size:.85rem} img{max-width:100%;border:1px solid #d1d9e0;margin:.3rem}
 .reason{color:#cf222e;font-weight:600} code{font-size:.85rem}
+.note{background:#fff8c5;border:1px solid #d4a72c;padding:.4rem .6rem;border-radius:4px}
+iframe.notebook{width:100%;height:80vh;border:1px solid #d1d9e0}
 """
 
 
@@ -50,6 +54,7 @@ def build_summary(runs: list[NotebookRun], run_dir: Path, parameters: dict, run_
             "notebook_html": relative_link(run.html_path, run_dir) if run.html_path else None,
             "notebook": relative_link(run.notebook_path, run_dir),
             "seconds": r.get("seconds", round(run.seconds, 1)),
+            "notebook_note": run.note,
         }
     passed = bool(layers) and all(entry["status"] == "pass" for entry in layers.values())
     return {"passed": passed, "run_id": run_id, "layers": layers, "parameters": parameters}
@@ -75,8 +80,8 @@ def badge(status: str) -> str:
 def render_overview(summary: dict) -> str:
     rows = []
     for layer, entry in summary["layers"].items():
-        figures = ", ".join(f"{k} = {format_figure(v)}" for k, v in list(entry["figures"].items())[:4])
-        link = (f'<a href="{html.escape(entry["notebook_html"])}">notebook</a>' if entry["notebook_html"]
+        figures = ", ".join(f"{k} = {format_figure(v, k)}" for k, v in list(entry["figures"].items())[:4])
+        link = (f'<a href="#notebook-{layer}">notebook</a>' if entry["notebook_html"]
                 else html.escape(entry["notebook"]))
         headline = (entry["reason"].splitlines() or [""])[0]  # the full reason is in the layer's section
         reason = f'<div class="reason">{html.escape(headline)}</div>' if entry["status"] != "pass" else ""
@@ -86,22 +91,45 @@ def render_overview(summary: dict) -> str:
             + "".join(rows) + "</table>")
 
 
+# What a layer's verdict means, where a reader could take it for more (or less) than it is.
+LAYER_SCOPE = {
+    "rollout_collection": "Judges completeness, not answer quality: every rollout came back whole, with a reward "
+                          "and token fields. A mean reward of 0 passes here; the benchmark notebooks judge quality.",
+}
+
+
 def render_layer(run: NotebookRun, entry: dict) -> str:
     r = run.results
     checks = "".join(
         f"<tr><td>{check_mark(c['ok'])}</td><td>{html.escape(c['name'])}</td>"
         f"<td><pre>{html.escape(c.get('detail', ''))}</pre></td></tr>" for c in r.get("checks", []))
-    figures = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(format_figure(v))}</td></tr>"
+    figures = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(format_figure(v, k))}</td></tr>"
                       for k, v in r.get("figures", {}).items())
     plots = "".join(embed_png(run.output_dir / name) for name in r.get("plots", []))
-    reason = f'<pre class="reason">{html.escape(entry["reason"])}</pre>' if entry["status"] != "pass" else ""
-    link = (f'<p><a href="{html.escape(entry["notebook_html"])}">executed notebook (HTML)</a></p>'
-            if entry["notebook_html"] else "")
+    # the headline only: the full text is the failing check's detail just below, shown once
+    headline = (entry["reason"].splitlines() or [""])[0]
+    reason = f'<p class="reason">{html.escape(headline)}</p>' if entry["status"] != "pass" else ""
+    link = (f'<p><a href="#notebook-{run.layer}">executed notebook</a></p>' if entry["notebook_html"] else "")
+    note = f'<p class="note">{html.escape(run.note)}</p>' if run.note else ""
+    scope = f'<p class="sub">{html.escape(LAYER_SCOPE[run.layer])}</p>' if run.layer in LAYER_SCOPE else ""
     return (f'<section id="{run.layer}"><h2>{html.escape(LAYERS[run.layer])} {badge(entry["status"])}</h2>'
-            f"{reason}{link}<table><tr><th></th><th>check</th><th>detail</th></tr>{checks}</table>"
+            f"{scope}{reason}{note}{link}<table><tr><th></th><th>check</th><th>detail</th></tr>{checks}</table>"
             + (f"<h3>Key figures</h3><table>{figures}</table>" if figures else "")
             + (f"<div>{plots}</div>" if plots else "")
             + r.get("details_html", "") + "</section>")
+
+
+def render_notebooks(runs: list[NotebookRun]) -> str:
+    """Each executed notebook embedded whole (its export is already script-free and self-contained)."""
+    parts = []
+    for run in runs:
+        if run.html_path is None or not Path(run.html_path).exists():
+            continue
+        page = Path(run.html_path).read_text(encoding="utf-8")
+        parts.append(f'<section id="notebook-{run.layer}"><h2>Executed notebook: {html.escape(LAYERS[run.layer])}'
+                     f'</h2><iframe class="notebook" title="{html.escape(LAYERS[run.layer])} notebook" '
+                     f'srcdoc="{html.escape(page, quote=True)}"></iframe></section>')
+    return "".join(parts)
 
 
 def render_parameters(parameters: dict) -> str:
@@ -117,7 +145,8 @@ def render_report(summary: dict, runs: list[NotebookRun]) -> str:
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>gymnb validation {summary['run_id']}</title>"
         f"<style>{STYLE}</style></head><body><h1>gymnb integration validation {badge(status)}</h1>"
         f"<p class='sub'>{verdict} &middot; run {html.escape(summary['run_id'])}</p>"
-        f"{render_overview(summary)}{layers}{render_parameters(summary['parameters'])}</body></html>"
+        f"{render_overview(summary)}{layers}{render_parameters(summary['parameters'])}{render_notebooks(runs)}"
+        "</body></html>"
     )
 
 

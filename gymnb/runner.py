@@ -4,14 +4,22 @@ Each layer notebook runs in its own folder `<run_dir>/<notebook stem>/` with `ou
 plots and `results.json` land next to the executed `notebook.ipynb` and `notebook.html`. A notebook that dies
 before its last cell still gets a result: a failure whose reason is the exception papermill recorded, so one
 broken layer never hides the others.
+
+What a headless run executes is fixed by its arguments and the documented defaults, never by edits saved in
+the notebooks (JupyterLab autosaves a hand-set parameters cell): the runner executes each notebook as committed
+in git (`shipped_notebook`) and injects every parameter it declares, defaults included, so the report lists each
+value the run used. A notebook whose file on disk differs from the committed one is named in a note.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +52,7 @@ class NotebookRun:
     results: dict  # results.json, or a failure synthesized from the execution error
     parameters: dict  # the values papermill injected
     seconds: float
+    note: str = ""  # e.g. "the file on disk differs from the committed notebook"
 
     @property
     def passed(self) -> bool:
@@ -66,13 +75,63 @@ def check_kernel() -> None:
                           "(`make install` does this)")
 
 
-def inspect_parameters(path: str | Path) -> dict[str, dict]:
-    """The notebook's parameters cell: name -> {"default", "type", "help"} (help = the trailing comment)."""
+def inspect_parameters(notebook) -> dict[str, dict]:
+    """The notebook's parameters cell: name -> {"default", "type", "help"} (help = the trailing comment).
+
+    `notebook` is a path or a notebook node; `default` is the value (papermill reports its source text).
+    """
     import papermill
 
-    found = papermill.inspect_notebook(str(path))
-    return {name: {"default": p["default"], "type": p["inferred_type_name"], "help": p["help"]}
+    found = papermill.inspect_notebook(notebook if not isinstance(notebook, Path) else str(notebook))
+    return {name: {"default": literal_default(p["default"]), "type": p["inferred_type_name"], "help": p["help"]}
             for name, p in found.items()}
+
+
+def literal_default(source: str):
+    try:
+        return ast.literal_eval(source)
+    except (ValueError, SyntaxError):
+        return source
+
+
+def cell_sources(nb) -> list[tuple[str, str]]:
+    """What a reader edits: cell types and sources (outputs, counts and metadata change on every run)."""
+    return [(cell.cell_type, "".join(cell.source)) for cell in nb.cells]
+
+
+def shipped_notebook(layer: str):
+    """(notebook node, note): the layer's notebook as committed (git HEAD) and a note when the file on disk
+    differs from it. Without git (or an uncommitted notebook) the file on disk runs, and the note says so."""
+    import nbformat
+
+    path = notebook_path(layer)
+    on_disk = nbformat.read(str(path), as_version=4)
+    try:
+        relative = path.relative_to(REPO_ROOT).as_posix()
+        text = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"HEAD:{relative}"], capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+        committed = nbformat.reads(text, as_version=4)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return on_disk, f"{path.name}: no committed version to compare with (not a git checkout); ran the file on disk"
+    if cell_sources(committed) == cell_sources(on_disk):
+        return committed, ""
+    return committed, (f"{path.name} on disk differs from the committed notebook ({describe_edits(committed, on_disk)}); "
+                       "gymnb validate ran the committed one with the parameters listed below. Commit the edits to "
+                       "run them headless, or set values with -p KEY=VALUE")
+
+
+def describe_edits(committed, edited) -> str:
+    """A short account of hand edits: changed parameter lines, else the number of changed cells."""
+    def parameter_lines(nb) -> list[str]:
+        cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        return "".join(cells[0].source).splitlines() if cells else []
+
+    changed = [line.split("#")[0].strip() for line in parameter_lines(edited) if line not in parameter_lines(committed)]
+    if changed:
+        return "parameters cell: " + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+    old, new = cell_sources(committed), cell_sources(edited)
+    num_changed = sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))
+    return f"{num_changed} cell(s) edited"
 
 
 def parse_parameter_overrides(items: list[str]) -> dict:
@@ -90,22 +149,23 @@ def parse_parameter_overrides(items: list[str]) -> dict:
 
 
 def resolve_parameters(layers: list[str], params: dict, shared: dict | None = None) -> dict[str, dict]:
-    """Per layer, the subset of `shared` and then `params` its notebook declares, typed like the defaults.
+    """Per layer, every parameter its notebook declares: the committed default, overridden by `shared` and then
+    `params`, typed like the default.
 
     A key of `params` (the user's) that no notebook of the suite declares is an error naming the key and listing
     the known ones; `shared` values (URLs the runner fills in) go only to the notebooks that declare them.
     """
-    declared = {layer: inspect_parameters(notebook_path(layer)) for layer in LAYER_NOTEBOOKS}
+    declared = {layer: inspect_parameters(shipped_notebook(layer)[0]) for layer in LAYER_NOTEBOOKS}
     known = sorted({name for names in declared.values() for name in names})
-    declared = {layer: declared[layer] for layer in layers}
     unknown = [key for key in params if key not in known]
     if unknown:
         raise ConfigError(f"unknown notebook parameter(s) {unknown}; the notebooks declare {known}")
     merged = {**(shared or {}), **params}
     resolved = {}
-    for layer, names in declared.items():
-        resolved[layer] = {key: coerce_value(key, value, names[key]["type"])
-                           for key, value in merged.items() if key in names}
+    for layer in layers:
+        names = declared[layer]
+        resolved[layer] = {key: coerce_value(key, merged[key], info["type"]) if key in merged else info["default"]
+                           for key, info in names.items()}
     return resolved
 
 
@@ -124,14 +184,15 @@ def coerce_value(key: str, value, declared_type: str):
     return value
 
 
-def execute_notebook(input_path: Path, output_path: Path, parameters: dict, *, cwd: Path,
+def execute_notebook(notebook, output_path: Path, parameters: dict, *, cwd: Path,
                      timeout: float | None = None) -> str | None:
-    """Run one notebook with papermill; return None on success or the failure reason (`Type: message`)."""
+    """Run one notebook (a path or a node) with papermill; None on success, else the reason (`Type: message`)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        papermill.execute_notebook(str(input_path), str(output_path), parameters=parameters,
+        papermill.execute_notebook(str(notebook) if isinstance(notebook, Path) else notebook, str(output_path),
+                                   parameters=parameters,
                                    kernel_name=KERNEL_NAME, cwd=str(cwd), progress_bar=False,
                                    execution_timeout=timeout,
                                    # The kernel logs transport warnings and its shutdown to our stderr: noise.
@@ -143,14 +204,24 @@ def execute_notebook(input_path: Path, output_path: Path, parameters: dict, *, c
     return None
 
 
+SCRIPT = re.compile(r"<script\b[^>]*>.*?</script>", re.DOTALL | re.IGNORECASE)
+
+
 def export_html(nb_path: Path, html_path: Path) -> Path:
-    """The executed notebook as standalone HTML (nbconvert embeds image outputs as data URIs)."""
+    """The executed notebook as standalone HTML that needs no network: nbconvert embeds image outputs as data
+    URIs and inlines its CSS; its scripts (require.js, MathJax, mermaid from a CDN) are dropped, since a static
+    export runs none of its outputs' code and the notebooks write no LaTeX."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab")
-    body, _ = exporter.from_notebook_node(nbformat.read(str(nb_path), as_version=4))
-    html_path.write_text(body, encoding="utf-8")
+    nb = nbformat.read(str(nb_path), as_version=4)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "text/html" in data:  # a widget's static view (the explorer carries one); no widget runs here
+                data.pop("application/vnd.jupyter.widget-view+json", None)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    html_path.write_text(SCRIPT.sub("", body), encoding="utf-8")
     return html_path
 
 
@@ -170,8 +241,8 @@ def collect_results(layer: str, output_dir: Path, error: str | None) -> dict:
 
 def run_notebook(layer: str, run_dir: Path, parameters: dict, *, timeout: float | None = None) -> NotebookRun:
     """Execute one layer's notebook into `run_dir/<stem>/`, export it to HTML and read its results."""
-    source = notebook_path(layer)
-    out = Path(run_dir) / source.stem
+    source, note = shipped_notebook(layer)
+    out = Path(run_dir) / notebook_path(layer).stem
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # never report a stale result
     parameters = {**parameters, "output_dir": str(out.resolve())}
@@ -187,7 +258,7 @@ def run_notebook(layer: str, run_dir: Path, parameters: dict, *, timeout: float 
             error = error or f"HTML export failed: {type(exc).__name__}: {exc}"
     results = collect_results(layer, out, error)
     results["seconds"] = round(seconds, 1)
-    return NotebookRun(layer, out, executed, html_path, results, parameters, seconds)
+    return NotebookRun(layer, out, executed, html_path, results, parameters, seconds, note)
 
 
 @contextlib.contextmanager

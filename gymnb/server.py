@@ -325,6 +325,26 @@ def wait_until_ready(url: str, api_key: str | None, timeout: float = 30.0) -> No
         time.sleep(0.1)
 
 
+NO_SPLICE_BANNER = ("gymnb serve: FAULTY MODE (--no-splice): history is re-tokenized instead of spliced, so multi-turn "
+                    "training on this server is off-policy. It exists to show the fault being caught: `gymnb validate "
+                    "--base-url URL` must fail layer 04 against it. Do not train on it.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear message when the port is taken, before anything slow starts."""
+    if port == 0:
+        return
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {host}:{port} ({exc.strerror}): another server holds the port. "
+                              "Fix: stop it, or pick another port with --port N (0 for any free one).") from None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gymnb serve", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m",
@@ -350,6 +370,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fault", choices=FAULTS, default=None,
                         help="FAULT for demos and conformance tests (see gymnb.server.FAULTS)")
     args = parser.parse_args(argv)
+    check_port_free(args.host, args.port)  # before the model load, which takes seconds to minutes
     api_key = read_api_key(args.api_key, args.api_key_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PolicyServer.start(
@@ -365,6 +386,8 @@ def main(argv: list[str]) -> int:
         wait_until_ready(server.url, api_key)
         print(f"gymnb serve: {server.model_id} ready at {server.url} (OpenAI base_url {server.base_url})",
               flush=True)
+        if not args.splice:
+            print(NO_SPLICE_BANNER, flush=True)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 Re-rendering a conversation through the chat template and re-tokenizing it does not give back the ids the
 model generated (BPE merges differ, tool-call whitespace is re-rendered, templates strip earlier `<think>`).
-The ids the model generated are the single source of truth, so the prompt is built as (protocol.md section 2):
+The ids the model generated are the single source of truth, so the prompt is built as (docs/protocol.md section 2):
 
     model_prefix    = prompt_token_ids + generation_token_ids of the last message carrying token fields
                       (or the request's `required_prefix_token_ids`)

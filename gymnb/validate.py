@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -24,16 +25,17 @@ from gymnb.report import write_report
 from gymnb.runner import (
     check_kernel,
     inspect_parameters,
-    notebook_path,
     parse_parameter_overrides,
     resolve_parameters,
     run_layers,
+    shipped_notebook,
 )
 
 # Set from the command's flags, not from -p, so that one spelling exists for each.
 FLAG_PARAMETERS = {"base_url": "--base-url", "gym_head_url": "--gym", "env": "--env", "api_key": "--api-key",
                    "output_dir": "--out"}
 POLICY_LAYERS = {"http_endpoint", "rollout_collection", "token_continuity"}
+ROLLOUTS_FILE = ("03_rollout_collection", "rollouts.jsonl")  # where layer 03 writes, inside the run folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +66,12 @@ def list_parameters() -> str:
     """Every notebook parameter with its default, its notebooks and the comment that documents it."""
     seen: dict[str, dict] = {}
     for layer in LAYERS:
-        for name, info in inspect_parameters(notebook_path(layer)).items():
+        for name, info in inspect_parameters(shipped_notebook(layer)[0]).items():
             seen.setdefault(name, {**info, "layers": []})["layers"].append(layer)
     lines = []
     for name, info in seen.items():
         flag = f"  (set with {FLAG_PARAMETERS[name]})" if name in FLAG_PARAMETERS else ""
-        lines.append(f"{name} = {info['default']}  [{', '.join(info['layers'])}]{flag}\n    {info['help']}")
+        lines.append(f"{name} = {json.dumps(info['default'])}  [{', '.join(info['layers'])}]{flag}\n    {info['help']}")
     return "\n".join(lines)
 
 
@@ -87,6 +89,37 @@ def check_parameter_keys(params: dict) -> None:
     for key, flag in FLAG_PARAMETERS.items():
         if key in params:
             raise ConfigError(f"set {key} with {flag}, not -p {key}=...")
+
+
+def run_defaults(run_dir: Path, user_params: dict) -> dict:
+    """Values the runner fixes for this run: layers 04 and 05 read this run's rollouts unless told otherwise, so
+    a run never checks another run's rollouts (the path is in the report either way)."""
+    if "rollouts_path" in user_params:
+        return {}
+    return {"rollouts_path": str(run_dir.resolve().joinpath(*ROLLOUTS_FILE))}
+
+
+def print_notebook_notes(layers: list[str]) -> None:
+    for layer in layers:
+        note = shipped_notebook(layer)[1]
+        if note:
+            print(f"note: {note}", flush=True)
+
+
+def check_not_a_head_server(base_url: str) -> None:
+    """A NeMo Gym head server given as --base-url fails every policy check with a puzzling 404; say what it is."""
+    import urllib.request
+
+    url = base_url.rstrip("/").removesuffix("/v1") + "/global_config_dict_yaml"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            is_head = reply.status == 200
+    except (OSError, ValueError):
+        return  # not a head server (or not up): layer 01 reports what the URL does answer
+    if is_head:
+        raise ConfigError(f"--base-url {base_url} is a NeMo Gym head server (it serves /global_config_dict_yaml), "
+                          f"not a policy server. Fix: pass it as --gym {base_url}; the policy server is then "
+                          "found in its config (policy_base_url), or give that with --base-url")
 
 
 def open_integration(args, layers: list[str], model: str) -> Integration:
@@ -113,22 +146,26 @@ def main(argv: list[str]) -> int:
     run_dir = Path(args.out) if args.out else REPO_ROOT / "outputs" / "validation" / run_id
     resolve_parameters(layers, user_params)  # fail on a bad -p or a missing kernel before starting any server
     check_kernel()
+    if args.base_url:  # before asking it for its model: a head server answers /v1/models with a puzzling 404
+        check_not_a_head_server(args.base_url)
     # An external server's own model, never the embedded default's tokenizer, unless -p model= names one.
     model = policy_model(str(user_params.get("model") or ""), args.base_url, args.gym, args.api_key)
     print(f"gymnb validate: run folder {run_dir}", flush=True)
+    print_notebook_notes(layers)
     integration = open_integration(args, layers, model)
     embedded = integration.embedded  # before stop() empties it
     try:
         # No api_key parameter: the kernels get the key through the environment (see runner.kernel_api_key).
         shared = {"base_url": integration.base_url, "gym_head_url": integration.head_url or "", "env": args.env,
-                  "model": model}
+                  "model": model, **run_defaults(run_dir, user_params)}
         resolved = resolve_parameters(layers, user_params, shared)
         runs = run_layers(run_dir, resolved, timeout=args.timeout, api_key=integration.api_key)
     finally:
         integration.stop()
     record = {"base_url": integration.base_url, "gym_head_url": integration.head_url, "env": args.env,
               "model": model, "model_id": integration.model_id, "embedded": embedded,
-              "layers": {run.layer: run.parameters for run in runs}}
+              "layers": {run.layer: run.parameters for run in runs},
+              "notebook_notes": {run.layer: run.note for run in runs if run.note}}
     index, _ = write_report(run_dir, runs, record, run_id=run_dir.name)
     failed = [run for run in runs if not run.passed]
     verdict = "all layers passed" if not failed else f"{len(failed)} of {len(runs)} layers failed"

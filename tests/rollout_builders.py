@@ -2,7 +2,7 @@
 
 A conversation is a list of input messages plus assistant turns. Each turn says what the model generated
 (text, optionally non-canonical ids) and what the environment answered. A *client* decides how each next prompt
-is built: `splice_client` follows protocol.md section 2 (the ids stay on-policy); the others reproduce the
+is built: `splice_client` follows docs/protocol.md section 2 (the ids stay on-policy); the others reproduce the
 faults an integration makes (re-rendering text, dropping the eos, cutting history).
 """
 

@@ -142,3 +142,56 @@ def test_plot_has_the_four_panels_and_the_criterion_line():
     assert titles == ["train reward (mean)", "validation accuracy", "token_mult_prob_error",
                       "response length (tokens)"]
     assert [line.get_ydata()[0] for line in fig.axes[1].lines[1:]] == [0.85]
+
+
+def steps(num: int, error: float = 1.0002) -> list[dict]:
+    out = [{"step": s, "train/token_mult_prob_error": error, "train/reward_mean": 0.1 * s} for s in range(1, num + 1)]
+    out[0].update({"validation/accuracy": 0.25, "validation/num_samples": 16})
+    out[-1].update({"validation/accuracy": 0.25, "validation/num_samples": 16})
+    return out
+
+
+def test_a_smoke_run_is_judged_on_the_loop_and_names_the_long_run():
+    verdict = bm.compute_verdict("math", "cpu", steps(2), mode="smoke")
+    assert verdict["passed"]  # two steps ran on-policy; no gain is expected in two steps
+    improvement = next(c for c in verdict["checks"] if c["name"].startswith("validation improvement"))
+    assert improvement["required"].startswith("information") and improvement["status"] == "information"
+    assert improvement["detail"] == "not verified here"  # gymnb measured neither side of the two steps
+    text = bm.format_verdict(verdict)
+    assert text.startswith("math (cpu, mode smoke): SMOKE RUN OK") and "mode='run'" in text and "10-25 min" in text
+    off_policy = bm.compute_verdict("math", "cpu", steps(2, error=1.3), mode="smoke")
+    assert not off_policy["passed"] and "SMOKE RUN FAILED" in bm.format_verdict(off_policy)
+    assert not bm.compute_verdict("math", "cpu", steps(2), mode="run")["passed"]  # the full criterion
+
+
+def test_smoke_is_the_cpu_config_cut_short_and_the_callers_overrides_win(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bm, "run_training", lambda config, overrides: seen.update(config=config, o=overrides))
+    bm.get_run("math", "smoke", "grpo_math_cpu.yaml", ["grpo.max_steps=3"])
+    assert seen["o"][:len(bm.SMOKE["math"]["overrides"])] == bm.SMOKE["math"]["overrides"]
+    assert seen["o"][-1] == "grpo.max_steps=3"  # later overrides win in load_config
+    bm.get_run("math", "run", "grpo_math_cpu.yaml", [])
+    assert seen["o"] == []
+    with pytest.raises(ValueError, match="mode='smoke' runs the cpu config"):
+        bm.check_mode("smoke", "full")
+
+
+@pytest.mark.parametrize("name", ["grpo_math_cpu", "grpo_math_cpu.yaml", "configs/train/grpo_math_cpu.yaml"])
+def test_a_train_config_is_a_name_or_a_path_for_the_cli_and_the_notebooks(name, monkeypatch):
+    from gymnb.config import REPO_ROOT
+    from gymnb.errors import ConfigError
+    from gymnb.train import main as train_main
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert bm.resolve_train_config(name).resolve() == REPO_ROOT / "configs" / "train" / "grpo_math_cpu.yaml"
+    # the CLI reads the named file: its cross-field check fails on the override before any model loads
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        train_main(["--config", name, "grpo.group_size=1"])
+
+
+def test_an_unknown_train_config_lists_the_known_names():
+    from gymnb.errors import ConfigError
+    from gymnb.train import main as train_main
+
+    with pytest.raises(ConfigError, match="train config grpo_mat not found.*grpo_math_cpu"):
+        train_main(["--config", "grpo_mat"])

@@ -243,3 +243,45 @@ def test_check_continuity_cli_names_a_bad_line(tmp_path, capsys):
     path.write_text('{"response": {"output": []}}\nnot json\n')
     assert gymnb_main(["check-continuity", str(path)]) == 1
     assert f"{path}:2: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d, "is a directory: pass the rollouts JSONL file inside it"),
+    (lambda d: (d / "model.bin").write_bytes(b"\x80\x81\xfe\xff" * 64) and d / "model.bin", "is not a text file"),
+    (lambda d: (d / "empty.jsonl").write_text("") or d / "empty.jsonl", "holds no rollouts (empty file)"),
+])
+def test_check_continuity_cli_refuses_what_is_not_a_rollouts_file(tmp_path, capsys, make, message):
+    from gymnb.cli import main as gymnb_main
+
+    path = make(tmp_path)
+    assert gymnb_main(["check-continuity", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_check_continuity_cli_fails_when_nothing_multi_turn_was_checked(tokenizer, tmp_path, capsys):
+    single = build_rollout(tokenizer, INPUT, [{"text": "Done."}])
+    path = tmp_path / "single.jsonl"
+    path.write_text(json.dumps(single) + "\n")
+    assert main([str(path), "--tokenizer", tokenizer.name_or_path]) == 1
+    captured = capsys.readouterr()
+    assert "1 rollouts, 0 multi-turn" in captured.out
+    assert "nothing was checked: none of the 1 rollouts has two or more model calls" in captured.err
+
+
+def test_a_broken_rollout_shows_the_token_split_and_names_both_sides_as_suspects(tokenizer, merge_ids):
+    """Both sides of a BPE merge decode to the same text, so the pieces are what tells them apart; a rollout
+    alone cannot say whether its client dropped the token fields or the server ignored them."""
+    rollout = build_rollout(tokenizer, INPUT, three_calls(merge_ids), tools=TOOLS, client=naive_client)
+    text = check_continuity(rollout, tokenizer).describe()
+    assert "expected: " in text and "' Sk'|['in']|'ny'" in text and "' Sk'|['inn']|'y'" in text
+    assert "Either the client re-sent the earlier assistant turn without its token fields, or the server" in text
+    assert "protocol.md section" not in text and "docs/protocol.md" in text
+
+
+def test_a_probe_that_sent_its_token_fields_blames_the_server(tokenizer, merge_ids):
+    rollout = build_rollout(tokenizer, INPUT, three_calls(merge_ids), tools=TOOLS, client=naive_client)
+    probe = {**rollout, "probe": "splice_bpe", "sent_token_fields": True}
+    fix = check_continuity(probe, tokenizer).divergence.fix
+    assert fix.startswith("Server at fault") and "ignored them" in fix
+

@@ -10,6 +10,8 @@ that re-tokenizes history instead of splicing must fail layer 04 with the first 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from scripted_workplace import scripted_workplace_model, workplace_rows
@@ -50,7 +52,7 @@ def test_every_notebook_passes_on_the_embedded_smoke_integration(smoke, tmp_path
     assert summary["parameters"]["embedded"] is True
 
     endpoint = layer_results(run_dir, "http_endpoint")
-    assert {c["name"]: c["ok"] for c in endpoint["checks"]}["/tokenize agrees with prompt_token_ids: follow-up turn"]
+    assert {c["name"]: c["ok"] for c in endpoint["checks"]}["/tokenize agrees with the completion's prompt ids: follow-up turn"]
     assert layer_results(run_dir, "token_roundtrip")["figures"]["num_cases"] == len(ROUNDTRIP_CASES)
 
     collection = layer_results(run_dir, "rollout_collection")["figures"]
@@ -102,7 +104,21 @@ def test_a_server_that_retokenizes_history_fails_layer_04_with_the_divergence(sm
     failed = {c["name"] for c in continuity["checks"] if not c["ok"]}
     assert "probe splice_tool_call: continuous over 2 model calls" in failed
     assert "probe splice_bpe: continuous over 2 model calls" in failed
+    # the probes sent their token fields and still broke: the server is named as the side at fault
+    assert "Server at fault" in continuity["reason"] and "docs/protocol.md" in continuity["reason"]
+    assert continuity["figures"]["num_broken"] == 2 + continuity["figures"]["num_broken_probes"]
+    rollouts_path = summary["parameters"]["layers"]["token_continuity"]["rollouts_path"]
+    assert rollouts_path == str((run_dir / STEMS["rollout_collection"] / "rollouts.jsonl").resolve())
     index = (run_dir / "index.html").read_text()
     assert "Token view of the first divergence" in index and 'class="div"' in index
     executed = (run_dir / STEMS["token_continuity"] / "notebook.html").read_text()
-    assert "LayerFailed" in executed  # papermill marked the results cell that raised
+    assert "LayerFailed" in executed  # the last cell failed the run...
+    assert "static view of the explorer" in executed  # ...after the explorer cell had run
+
+    from browser import open_alone_offline
+
+    shots = Path(os.environ.get("GYMNB_SCREENSHOTS") or tmp_path)
+    seen = open_alone_offline(run_dir / "index.html", tmp_path / "mailed",
+                              screenshot=shots / "report_no_splice_alone_offline.png")
+    assert seen["requests_out"] == [] and seen["broken"] == []
+    assert {"#notebook-rollout_collection", "#notebook-token_continuity"} <= {x["href"] for x in seen["links"]}

@@ -78,7 +78,9 @@ def test_index_is_self_contained_with_embedded_plot_links_and_divergence(tmp_pat
     png = (tmp_path / "03_rollout_collection" / "reward_histogram.png").read_bytes()
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
     assert 'src="http' not in page and "<link" not in page and "<script" not in page  # nothing fetched
-    assert 'href="04_token_continuity/notebook.html"' in page
+    # the executed notebook travels inside the page: a link to a sibling file breaks for whoever gets index.html
+    assert 'href="04_token_continuity/notebook.html"' not in page and 'href="#notebook-token_continuity"' in page
+    assert 'id="notebook-token_continuity"' in page and 'srcdoc="&lt;html&gt;executed&lt;/html&gt;"' in page
     assert DIVERGENCE_HTML in page
     assert "rollout 1: model call 2 diverges at token 17" in page
     assert "workplace_assistant" in page  # resolved parameters shown
@@ -123,3 +125,27 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_layer_without_checks_fails():
     result = LayerResult("http_endpoint")
     assert result.status == "fail" and result.reason == "no check ran"
+
+
+def test_index_opened_alone_offline_carries_every_notebook_and_every_link_resolves(tmp_path):
+    """index.html copied to a folder of its own, opened from file:// with the network cut: nothing is requested
+    from outside the file, every link is an anchor that resolves, and each executed notebook is inside."""
+    import os
+
+    from browser import open_alone_offline
+
+    from gymnb.runner import NOTEBOOKS_DIR, export_html
+
+    runs = constructed_runs(tmp_path / "run")
+    for run in runs:  # real nbconvert exports (lab template), as the runner writes them
+        if run.html_path is not None:
+            export_html(NOTEBOOKS_DIR / f"{run.output_dir.name}.ipynb", run.html_path)
+            assert "<script" not in run.html_path.read_text()
+    index, _ = write_report(tmp_path / "run", runs, {"base_url": "http://127.0.0.1:1"})
+    shots = Path(os.environ.get("GYMNB_SCREENSHOTS") or tmp_path)
+    seen = open_alone_offline(index, tmp_path / "elsewhere", screenshot=shots / "report_alone_offline.png")
+    assert seen["requests_out"] == [] and seen["broken"] == []
+    hrefs = [link["href"] for link in seen["links"]]
+    assert "#notebook-token_continuity" in hrefs and "#token_continuity" in hrefs
+    assert "gradient_flow" not in {h.removeprefix("#notebook-") for h in hrefs}  # that layer has no export
+    assert len(seen["frame_links"]) >= 4  # the notebooks' own heading anchors, inside their frames

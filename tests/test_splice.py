@@ -1,6 +1,6 @@
 """On-policy splice: three-turn continuity through the real server, where naive re-tokenization would drift.
 
-Continuity invariant (protocol.md section 2): turn k's prompt_token_ids start with turn k-1's
+Continuity invariant (docs/protocol.md section 2): turn k's prompt_token_ids start with turn k-1's
 prompt_token_ids + generation_token_ids (minus a trailing eos, which the template re-adds right after).
 """
 

@@ -79,16 +79,55 @@ def test_render_tokens_escapes_html(tokenizer):
     assert show_rollout(build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS), tokenizer).data
 
 
-def test_explorer_jumps_to_the_breaking_call_and_follows_the_slider(tokenizer):
+def as_probe(rollout: dict, title: str) -> dict:
+    """A rollout shaped like layer 04's probes: named, and known to have sent the token fields back."""
+    return {**rollout, "probe": "splice_bpe", "title": title, "sent_token_fields": True, "reward": None}
+
+
+def test_explorer_opens_on_the_first_divergence_and_steps_between_divergences(tokenizer):
     good = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS)
     bad = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS, client=naive_client)
-    box = explore_rollouts([good, bad], tokenizer)
-    picker, slider = box.children[0].children
-    view = box.children[1]
-    assert [label for label, _ in picker.options] == ["#0 · reward 1.0 · 3 call(s) · ok",
-                                                     "#1 · reward 1.0 · 3 call(s) · BPE merge"]
-    assert slider.max == 2 and slider.value == 0 and "call 0 of 3" in view.value
-    picker.value = 1
-    assert slider.value == 2 and "breaks continuity" in view.value and spans(view.value, "div")
-    slider.value = 0
-    assert "call 0 of 3" in view.value and not spans(view.value, "div")
+    box = explore_rollouts([good, bad, good], tokenizer, probes=[as_probe(bad, "BPE merge Sk|in|ny")])
+    explorer = box.explorer
+    assert [label for label, _ in explorer.picker.options] == [
+        "probe: BPE merge Sk|in|ny · 3 call(s) · broken: BPE merge",
+        "rollout 1 · reward 1 · 3 call(s) · continuous",
+        "rollout 2 · reward 1 · 3 call(s) · broken: BPE merge",
+        "rollout 3 · reward 1 · 3 call(s) · continuous"]
+    assert explorer.position == (0, 2) and spans(explorer.view.value, "div")
+    assert "Server at fault" in explorer.view.value  # the probe sent the fields: the server ignored them
+    assert explorer.buttons["prev-divergence"].disabled and not explorer.buttons["next-divergence"].disabled
+    explorer.buttons["next-divergence"].click()
+    assert explorer.position == (2, 2) and "breaks continuity" in explorer.view.value
+    assert "Server at fault" in explorer.view.value  # a broken probe convicts the server for rollouts too
+    assert explorer.buttons["next-divergence"].disabled
+    explorer.buttons["next-rollout"].click()
+    assert explorer.position == (3, 0) and not spans(explorer.view.value, "div")
+    explorer.buttons["prev-divergence"].click()
+    assert explorer.position == (2, 2)
+    explorer.call.value = 0  # the slider still moves within a sequence
+    assert "call 0 of 3" in explorer.view.value and not spans(explorer.view.value, "div")
+    assert "showing divergence" not in explorer.status.value
+
+
+def test_explorer_blames_the_client_when_the_probes_stay_continuous(tokenizer):
+    good = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS)
+    bad = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS, client=naive_client)
+    explorer = explore_rollouts([good, bad], tokenizer, probes=[as_probe(good, "BPE merge Sk|in|ny")]).explorer
+    assert explorer.position == (2, 2) and "Client at fault" in explorer.view.value
+    alone = explore_rollouts([bad], tokenizer).explorer  # no probes: the rollout cannot say who dropped the ids
+    assert "Either the client" in alone.view.value and "docs/protocol.md" in alone.view.value
+
+
+def test_explorer_carries_a_static_view_for_html_exports(tokenizer):
+    bad = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS, client=naive_client)
+    bundle = explore_rollouts([bad], tokenizer)._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert 'class="div"' in bundle["text/html"] and "Either the client" in bundle["text/html"]
+
+
+def test_explorer_given_a_model_name_that_cannot_load_shows_why_instead_of_failing(tokenizer):
+    good = build_rollout(tokenizer, INPUT, turns(tokenizer), tools=TOOLS)
+    widget = explore_rollouts([good], "smollm2-135")
+    text = html.unescape(widget.value)
+    assert "no explorer: unknown model 'smollm2-135'" in text and "did you mean smollm2-135m" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,8 @@ def test_parameters_go_only_to_notebooks_that_declare_them_with_their_types():
     resolved = resolve_parameters(["token_roundtrip", "rollout_collection"],
                                   {"temperature": 1, "extra_strings": "x, y z"},
                                   shared={"base_url": "http://127.0.0.1:1", "model": "m"})
-    assert resolved["token_roundtrip"] == {"model": "m", "extra_strings": ["x", "y z"]}
+    # every declared parameter is injected, defaults included, so hand edits of a notebook never decide a run
+    assert resolved["token_roundtrip"] == {"model": "m", "extra_strings": ["x", "y z"], "output_dir": ""}
     assert resolved["rollout_collection"]["temperature"] == 1.0
     assert isinstance(resolved["rollout_collection"]["temperature"], float)
     assert resolved["rollout_collection"]["base_url"] == "http://127.0.0.1:1"
@@ -78,7 +80,7 @@ def test_validate_reports_a_failing_layer_and_still_runs_the_rest(tmp_path, tiny
     assert "ModelLoadError" in failed_html  # papermill marked the failing cell in the exported notebook
     assert summary["parameters"]["embedded"] is False
     index = (tmp_path / "run" / "index.html").read_text()
-    assert "no-such-model" in index and 'href="01_http_endpoint/notebook.html"' in index
+    assert "no-such-model" in index and 'id="notebook-http_endpoint"' in index
 
 
 def test_list_parameters_documents_every_notebook_parameter(capsys):
@@ -145,3 +147,63 @@ def test_validate_checks_the_external_servers_own_tokenizer(served_as, tiny_mode
     assert code == 0, summary
     assert summary["parameters"]["model"] == str(tiny_model_dir)
     assert summary["parameters"]["layers"]["token_roundtrip"]["model"] == str(tiny_model_dir)
+
+
+def committed_copy(tmp_path, monkeypatch, layer_file: str) -> Path:
+    """A git checkout holding the committed validation notebooks; the runner reads them from it. Returns the
+    path of `layer_file` in it."""
+    import shutil
+    import subprocess
+
+    from gymnb import runner
+
+    root = tmp_path / "repo"
+    folder = root / "notebooks" / "validation"
+    shutil.copytree(runner.NOTEBOOKS_DIR, folder)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "shipped"], check=True)
+    monkeypatch.setattr(runner, "REPO_ROOT", root)
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", folder)
+    return folder / layer_file
+
+
+def edit_parameters_cell(path, old: str, new: str) -> None:
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert old in cell.source
+    cell.source = cell.source.replace(old, new)
+    nbformat.write(nb, str(path))
+
+
+@pytest.mark.slow
+def test_a_hand_edited_notebook_does_not_change_a_headless_run(tmp_path, monkeypatch, tiny_model_dir):
+    """JupyterLab autosaves a hand-set parameters cell; `gymnb validate` must still run the committed defaults
+    and say that the file on disk differs."""
+    path = committed_copy(tmp_path, monkeypatch, "02_token_roundtrip.ipynb")
+    edit_parameters_cell(path, "extra_strings: list = []", 'extra_strings: list = ["left over from a session"]')
+    run_dir = tmp_path / "run"
+    assert validate.main(["--layers", "token_roundtrip", "-p", f"model={tiny_model_dir}",
+                          "--out", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parameters"]["layers"]["token_roundtrip"]["extra_strings"] == []
+    note = summary["parameters"]["notebook_notes"]["token_roundtrip"]
+    assert "differs from the committed notebook" in note and "left over from a session" in note
+    assert "differs from the committed notebook" in (run_dir / "index.html").read_text()
+    from gymnb.checks.roundtrip import ROUNDTRIP_CASES
+
+    figures = summary["layers"]["token_roundtrip"]["figures"]
+    assert figures["num_cases"] == len(ROUNDTRIP_CASES)  # the edited extra string was not checked
+
+
+def test_every_run_records_the_rollouts_it_reads(tmp_path):
+    """Layers 04 and 05 read this run's rollouts, and the path they read is a resolved parameter."""
+    resolved = resolve_parameters(["token_continuity", "gradient_flow"], {},
+                                  shared=validate.run_defaults(tmp_path / "run", {}))
+    expected = str((tmp_path / "run" / "03_rollout_collection" / "rollouts.jsonl").resolve())
+    assert resolved["token_continuity"]["rollouts_path"] == expected
+    assert resolved["gradient_flow"]["rollouts_path"] == expected
+    assert validate.run_defaults(tmp_path, {"rollouts_path": "/data/r.jsonl"}) == {}

@@ -14,7 +14,7 @@ from gymnb.checks.integration import (
     load_rollouts,
     policy_model,
 )
-from gymnb.checks.result import LAYERS, Check, LayerFailed, LayerResult, write_results
+from gymnb.checks.result import LAYERS, Check, LayerFailed, LayerResult, raise_if_failed, write_results
 
 __all__ = ["LAYERS", "Check", "Integration", "LayerFailed", "LayerResult", "connect", "find_rollouts",
-           "layer_output_dir", "load_rollouts", "policy_model", "write_results"]
+           "layer_output_dir", "load_rollouts", "policy_model", "raise_if_failed", "write_results"]

@@ -60,8 +60,21 @@ def output_item(message: dict, ids: TokenIds | dict) -> dict:
             "content": [{"type": "output_text", "text": message.get("content") or ""}], **fields}
 
 
-def probe_rollout(name: str, items: list[dict]) -> dict:
-    return {"probe": name, "response": {"output": items}}
+def probe_rollout(name: str, items: list[dict], title: str | None = None) -> dict:
+    """A probe as a rollout; it sent every assistant turn back with its token fields, so a break is the server's.
+    `title` names it in the explorer (`BPE merge Sk|inny`)."""
+    probe = {"probe": name, "sent_token_fields": True, "response": {"output": items}}
+    return {**probe, "title": title} if title else probe
+
+
+def first_word_split(tokenizer, ids: list[int], text: str) -> str:
+    """The pieces of `ids` that spell the first word of `text`, joined by `|` (`Sk|inny`)."""
+    word, pieces = text.split()[0], []
+    for token in ids:
+        pieces.append(tokenizer.decode([token]))
+        if len("".join(pieces).strip()) >= len(word):
+            break
+    return "|".join(piece.strip() for piece in pieces)
 
 
 def run_live_probe(integration: Integration, num_turns: int, max_tokens: int) -> dict:
@@ -101,7 +114,9 @@ def run_splice_probe(integration: Integration, tokenizer, *, tool_call: bool) ->
     completion, ids = chat(integration, [user, assistant, follow], max_tokens=4, tools=tools)
     items = [{"type": "message", **user}, {**output_item(assistant, fields), "tool_calls": assistant.get("tool_calls")},
              {"type": "message", **follow}, output_item(completion["choices"][0]["message"], ids)]
-    return probe_rollout("splice_tool_call" if tool_call else "splice_bpe", items)
+    if tool_call:
+        return probe_rollout("splice_tool_call", items, "tool call in compact JSON")
+    return probe_rollout("splice_bpe", items, f"BPE merge {first_word_split(tokenizer, generated, BPE_TEXT)}")
 
 
 def run_multiturn_probe(integration: Integration, tokenizer, *, num_turns: int = 2,
@@ -128,34 +143,55 @@ def check_token_continuity(rollouts: list[dict], tokenizer, *, probes: list[dict
     from gymnb.continuity import check_continuity, check_rollouts
 
     result = LayerResult("token_continuity", output_dir=str(output_dir))
+    failed_probes = [p for p in probes if "error" in p]
+    probes = [p for p in probes if "error" not in p]
+    verdicts = [check_continuity(probe, tokenizer) for probe in probes]
     summary = check_rollouts(rollouts, tokenizer)
+    blame_rollouts(summary.broken, probes_ok=all(v.ok for v in verdicts) if probes else None)
     first_broken = summary.broken[0] if summary.broken else None
     result.add("every rollout is continuous across its model calls", summary.ok and summary.num_rollouts > 0,
                f"{len(summary.broken)} of {summary.num_rollouts} rollouts broken; first: {first_broken.describe()}"
                if first_broken else f"{summary.num_rollouts} rollouts, {summary.num_multi_turn} multi-turn"
                if summary.num_rollouts else "no rollouts to check: layer 03 collected none (see its report)")
-    broken_probe = None
-    failed_probes = [p for p in probes if "error" in p]
     for probe in failed_probes:
         result.add(f"probe {probe['probe']}: answered with token ids", False, probe["error"])
-    probes = [p for p in probes if "error" not in p]
-    for probe in probes:
-        verdict = check_continuity(probe, tokenizer)
+    broken_probes = [(probe, verdict) for probe, verdict in zip(probes, verdicts) if not verdict.ok]
+    for probe, verdict in zip(probes, verdicts):
         result.add(f"probe {probe['probe']}: continuous over {verdict.num_calls} model calls", verdict.ok,
                    verdict.describe().replace("rollout: ", "", 1))
-        broken_probe = broken_probe or (None if verdict.ok else probe)
-    multi_probes = sum(check_continuity(p).num_calls > 1 for p in probes)
+    multi_probes = sum(v.num_calls > 1 for v in verdicts)
     result.add("at least one multi-turn sequence was checked", summary.num_multi_turn + multi_probes > 0,
                f"{summary.num_multi_turn} multi-turn rollouts, {multi_probes} multi-turn probes")
+    num_broken_probes = sum(not v.ok for v in verdicts)
     result.figures.update(num_rollouts=summary.num_rollouts, num_multi_turn=summary.num_multi_turn,
-                          num_broken=len(summary.broken), num_probes=len(probes), **summary.kinds)
+                          num_broken=len(summary.broken) + num_broken_probes,
+                          num_broken_rollouts=len(summary.broken), num_probes=len(probes),
+                          num_broken_probes=num_broken_probes, **summary.kinds)
     if first_broken is not None and first_broken.divergence is not None:
         result.figures["first_divergence"] = short_divergence(first_broken.divergence, f"rollout {first_broken.rollout_index}")
+    elif broken_probes and broken_probes[0][1].divergence is not None:
+        probe, verdict = broken_probes[0]
+        result.figures["first_divergence"] = short_divergence(verdict.divergence, f"probe {probe['probe']}")
     add_drift_audit(result, rollouts, tokenizer)
     result.plots.append(plot_sequences(rollouts, probes, output_dir).name)
-    example = rollouts[first_broken.rollout_index] if first_broken is not None else broken_probe
-    result.details_html = render_example(example, rollouts, probes, tokenizer)
+    if first_broken is not None:
+        example, fix = rollouts[first_broken.rollout_index], getattr(first_broken.divergence, "fix", None)
+    else:
+        example, fix = (broken_probes[0][0], None) if broken_probes else (None, None)
+    result.details_html = render_example(example, rollouts, probes, tokenizer, fix=fix)
     return result
+
+
+def blame_rollouts(broken: list, *, probes_ok: bool | None) -> None:
+    """Name the side at fault in each broken rollout's fix, from the probes' evidence: probes send the token
+    fields, so probes that stay continuous clear the server (the client dropped the fields), and a broken probe
+    convicts it. Without probes the fix names both sides."""
+    from gymnb.divergence import fix_for
+
+    for verdict in broken:
+        if verdict.divergence is not None:
+            sent = None if probes_ok is None else not probes_ok
+            verdict.divergence.fix = fix_for(verdict.divergence.kind, sent)
 
 
 def short_divergence(div, where: str) -> str:
@@ -193,7 +229,8 @@ def plot_sequences(rollouts: list[dict], probes: list[dict], output_dir, limit: 
                      xlabel="model calls")
 
 
-def render_example(example: dict | None, rollouts: list[dict], probes: list[dict], tokenizer) -> str:
+def render_example(example: dict | None, rollouts: list[dict], probes: list[dict], tokenizer, *,
+                   fix: str | None = None) -> str:
     """Token view of the first broken sequence; else of one continuous multi-turn sequence."""
     from gymnb.continuity import check_continuity
     from gymnb.tokenview import render_rollout_html
@@ -207,4 +244,4 @@ def render_example(example: dict | None, rollouts: list[dict], probes: list[dict
     else:
         title = "Token view of the first divergence"
     name = f"probe {example['probe']}" if "probe" in example else "rollout"
-    return f"<h4>{title} ({html.escape(name)})</h4>" + render_rollout_html(example, tokenizer)
+    return f"<h4>{title} ({html.escape(name)})</h4>" + render_rollout_html(example, tokenizer, fix=fix)

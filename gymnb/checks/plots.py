@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PASS_COLOUR, FAIL_COLOUR, NEUTRAL_COLOUR = "#2da44e", "#cf222e", "#0969da"
 
@@ -50,6 +51,8 @@ def plot_histogram(values, output_dir, name: str, *, title: str, xlabel: str, bi
         ax.axvline(vline, color=FAIL_COLOUR, linestyle="--", linewidth=1)
     if log_y and values:
         ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 ticks
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
@@ -65,6 +68,8 @@ def plot_bars(labels: list[str], values: list[float], ok: list[bool], output_dir
     ax.barh(range(len(labels)), values, color=colours)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
+    if all(float(v).is_integer() for v in values):  # e.g. model calls: no fractional ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     return save_figure(fig, output_dir, name)

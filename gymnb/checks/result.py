@@ -106,7 +106,7 @@ class LayerResult:
             f"{td}<pre style='margin:0;white-space:pre-wrap'>{html.escape(c.detail)}</pre></td></tr>"
             for c in self.checks
         )
-        figures = "".join(f"<tr>{td}{html.escape(str(k))}</td>{td}{html.escape(format_figure(v))}</td></tr>"
+        figures = "".join(f"<tr>{td}{html.escape(str(k))}</td>{td}{html.escape(format_figure(v, k))}</td></tr>"
                           for k, v in self.figures.items())
         return (
             f"<h3 style='color:{colour}'>{LAYERS[self.layer]}: {self.status.upper()}</h3>"
@@ -121,19 +121,37 @@ def check_mark(ok: bool) -> str:
     return f"<b style='color:{colour}'>{'ok' if ok else 'FAIL'}</b>"
 
 
-def format_figure(value) -> str:
-    """Floats to 4 significant digits, everything else as text."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+# Figures whose meaning is in the digits after the point (healthy runs read 1.000008, the bound is 1.05).
+PRECISE_FIGURES = {"token_mult_prob_error": 6, "max_abs_logprob_diff": 6}
+
+
+def format_figure(value, name: str = "") -> str:
+    """Floats to 4 significant digits without exponents for everyday magnitudes (14020 ms, not 1.402e+04);
+    figures in PRECISE_FIGURES with their fixed digits; everything else as text."""
+    if not isinstance(value, float):
+        return str(value)
+    if name in PRECISE_FIGURES:
+        return f"{value:.{PRECISE_FIGURES[name]}f}"
+    if 1e4 <= abs(value) < 1e15:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
 
 
 def write_results(result: LayerResult, output_dir: str | Path = ".", *, raise_on_fail: bool = True) -> Path:
-    """Write `results.json` into `output_dir`; raise LayerFailed naming the first failing check."""
+    """Write `results.json` into `output_dir`; raise LayerFailed naming the first failing check.
+
+    Notebooks with an explorer write with `raise_on_fail=False`, show the explorer, and end with
+    `raise_if_failed`: Run All stops at the first raising cell, and the explorer matters most on a failure."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
     path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
-    if raise_on_fail and not result.passed:
-        raise LayerFailed(f"{LAYERS[result.layer]} failed: {result.reason}")
+    if raise_on_fail:
+        raise_if_failed(result)
     return path
+
+
+def raise_if_failed(result: LayerResult) -> None:
+    """Raise LayerFailed naming the first failing check (papermill then marks the run failed)."""
+    if not result.passed:
+        raise LayerFailed(f"{LAYERS[result.layer]} failed: {result.reason}")

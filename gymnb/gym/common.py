@@ -294,6 +294,14 @@ class ServerLoop:
             for runner in reversed(self._runners):
                 await runner.cleanup()
             self._runners.clear()
+            # what is still pending (a scheduler, a request cut short by Ctrl-C) is cancelled and awaited: a
+            # closed loop that still holds pending tasks makes asyncio print "Task was destroyed but it is
+            # pending!" with a stack dump for each one at exit
+            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
 
         try:
             self.run(_cleanup(), timeout=30)

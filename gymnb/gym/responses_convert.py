@@ -5,7 +5,7 @@ Responses -> chat (the request):
 - Consecutive `reasoning`, assistant `message` and `function_call` items fold into ONE assistant chat message:
   reasoning summaries as `<think>..</think>` at the start of its content, function calls as its `tool_calls`.
   Token fields (`prompt_token_ids`, `generation_token_ids`, `generation_log_probs`) found on any of those items
-  ride on that assistant message, so the policy server can splice the ids it generated (protocol.md section 2).
+  ride on that assistant message, so the policy server can splice the ids it generated (docs/protocol.md section 2).
 - `function_call_output` items become `tool` messages; `max_output_tokens` becomes `max_tokens`; `n` is 1.
 - `metadata` (string values, as OpenAI requires): `chat_template_kwargs` and `extra_body` hold JSON objects
   merged into the chat request, as NeMo Gym's vllm_model does (per-row template switches, extra sampling

@@ -5,7 +5,7 @@
     POST /aggregate_metrics  proxied to the resources server
     GET  /                   {"status": "ok"}
 
-The loop (protocol.md, as NeMo Gym's simple_agent): call the model server with `input + outputs so far`; append
+The loop (docs/protocol.md section 3, as NeMo Gym's simple_agent): call the model server with `input + outputs so far`; append
 its output items; stop when the response is incomplete (e.g. cut by max_output_tokens), or has no function_call
 and at least one assistant message, or after `max_steps`. Otherwise run each function_call in order: POST
 `/<name>` on the resources server with the JSON-decoded arguments and append a `function_call_output` holding

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with gymnb's GRPO loop: rollouts from NeMo-Gym-compatible environments through the "
                     "in-process policy server, one optimizer step per batch, refit after every step.")
     parser.add_argument("--config", required=True,
-                        help="YAML run config, e.g. configs/train/grpo_math_cpu.yaml (see gymnb/train/config.py)")
+                        help="YAML run config: a path, or a name in configs/train (grpo_math_cpu); see "
+                             "gymnb/train/config.py")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides that win over the file, e.g. grpo.max_steps=5 optimizer.lr=1e-5")
@@ -25,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from gymnb.config import load_config
-    from gymnb.train.config import GRPOConfig
+    from gymnb.errors import ConfigError
+    from gymnb.train.config import GRPOConfig, resolve_config_path
     from gymnb.train.grpo import train
 
     args = build_parser().parse_args(argv)
-    cfg = load_config(GRPOConfig, args.config, args.overrides)
+    try:
+        path = resolve_config_path(args.config)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = load_config(GRPOConfig, path, args.overrides)
     result = train(cfg, progress=not args.no_progress)
     summary = summarize_run(result.metrics)
     print(json.dumps({"run_dir": str(result.run_dir), "final_step": result.final_step,

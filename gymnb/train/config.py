@@ -7,6 +7,7 @@ so a bad combination fails before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ENVS = ("math_with_judge", "workplace_assistant")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -138,3 +139,19 @@ class GRPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A train config given as a path, or as a name in configs/train with or without `.yaml`
+    (`grpo_math_cpu`, `grpo_math_cpu.yaml`, `configs/train/grpo_math_cpu.yaml`)."""
+    from gymnb.config import CONFIGS_DIR
+
+    path = Path(config)
+    if path.is_file():
+        return path
+    folder = CONFIGS_DIR / "train"
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise FileNotFoundError(f"train config {config} not found: not a file, and configs/train has {names}")
