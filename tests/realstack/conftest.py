@@ -64,9 +64,11 @@ def stack020(policy, policy_port):
 
 def run_validate(head_url: str, out: Path, *, env: str, model_dir: Path, rows_path: Path,
                  extra: tuple[str, ...] = ()) -> dict:
+    num_rows = len(rows_path.read_text().splitlines())
     """`gymnb validate --gym HEAD` as a user runs it (only the head URL: the policy comes from its config)."""
     argv = [sys.executable, "-m", "gymnb.cli", "validate", "--gym", head_url, "--env", env, "--out", str(out),
-            "-p", f"model={model_dir}", "-p", f"rows_path={rows_path}", "-p", "num_rows=2", "-p", "num_repeats=1",
+            "-p", f"model={model_dir}", "-p", f"rows_path={rows_path}", "-p", f"num_rows={num_rows}",
+            "-p", "num_repeats=1",
             "-p", "temperature=0", "-p", "max_output_tokens=48", *extra]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
     summary_path = out / "summary.json"

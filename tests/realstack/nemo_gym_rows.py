@@ -18,7 +18,8 @@ from gymnb.models import cache_dir
 from gymnb.realstack import example_rows
 from gymnb.testing import make_scripted_model
 
-NUM_ROWS = 2
+NUM_ROWS = 2  # math rows; one answered right, one wrong
+NUM_WORKPLACE_ROWS = 1  # a tiny model memorises one 2-call tool conversation quickly, two barely at all
 MATH_ANSWERS = ["\\boxed{32}", "\\boxed{1}"]  # row 0's expected answer is 32; row 1's is a closed form, not 1
 CLOSING = "Done."
 
@@ -29,7 +30,7 @@ def read_rows(version: str, env: str, limit: int = NUM_ROWS) -> list[dict]:
 
 
 def workplace_rows(version: str) -> list[dict]:
-    rows = read_rows(version, "workplace_assistant")
+    rows = read_rows(version, "workplace_assistant", NUM_WORKPLACE_ROWS)
     for row in rows:
         params = row["responses_create_params"]
         names = {call["name"] for call in row["ground_truth"]}
@@ -86,6 +87,6 @@ def scripted_nemo_gym_model(version: str, resources_url: str) -> Path:
     """The scripted model for NeMo Gym `version`'s rows (trained once per machine, cached by content hash)."""
     math, workplace = read_rows(version, "math_with_judge"), workplace_rows(version)
     outputs = [real_tool_output(resources_url, row, *ground_truth_call(row)) for row in workplace]
-    # Head size 64: vLLM's CPU attention has no kernel for gymnb's default tiny head size of 16.
+    # Head size 32: vLLM's CPU attention has no kernel for gymnb's default tiny head size of 16.
     return make_scripted_model(cache_dir() / "tiny" / f"scripted-nemo-gym-{version}",
-                               conversations(math, workplace, outputs), hidden_size=128, num_heads=2)
+                               conversations(math, workplace, outputs), num_heads=2)

@@ -15,7 +15,7 @@ import math
 
 import pytest
 from conftest import run_validate, statuses
-from nemo_gym_rows import NUM_ROWS, read_rows, workplace_rows, write_rows
+from nemo_gym_rows import NUM_WORKPLACE_ROWS, read_rows, workplace_rows, write_rows
 
 from gymnb.continuity import check_continuity, process_rollout_for_training
 from gymnb.models import load_model
@@ -45,7 +45,7 @@ def test_gymnb_serve_passes_every_layer_behind_real_nemo_gym(stack, policy, scri
     assert statuses(summary) == PASS_ALL, {k: v["reason"] for k, v in layers.items() if v["status"] != "pass"}
     assert summary["exit_code"] == 0
     assert layers["http_endpoint"]["figures"]["token_id_source"] == "message"
-    assert layers["rollout_collection"]["figures"]["num_multi_turn"] == NUM_ROWS  # a tool call, then an answer
+    assert layers["rollout_collection"]["figures"]["num_multi_turn"] == NUM_WORKPLACE_ROWS  # a call, then an answer
     assert layers["gradient_flow"]["figures"]["token_mult_prob_error"] < 1.001
 
 
@@ -75,7 +75,7 @@ def test_ng_collect_rollouts_through_gymnb_serve_keeps_the_served_ids(stack, pol
     math_rollouts = ng_collect(stack, rows_files["math_with_judge"], "math_with_judge", tmp_path / "math.jsonl")
     work_rollouts = ng_collect(stack, rows_files["workplace_assistant"], "workplace_assistant", tmp_path / "wp.jsonl")
     assert [r["reward"] for r in math_rollouts] == [1.0, 0.0]  # the scripted answers: right, then wrong
-    assert [r["reward"] for r in work_rollouts] == [1.0] * NUM_ROWS  # the ground-truth call, on NeMo Gym's data
+    assert [r["reward"] for r in work_rollouts] == [1.0] * NUM_WORKPLACE_ROWS  # the ground truth, on NeMo Gym's data
     for rollout in math_rollouts + work_rollouts:
         verdict = check_continuity(rollout, model.tokenizer)
         assert verdict.ok, verdict.describe()
@@ -84,7 +84,7 @@ def test_ng_collect_rollouts_through_gymnb_serve_keeps_the_served_ids(stack, pol
         generated = model.tokenizer.decode(rollout["response"]["output"][-1]["generation_token_ids"],
                                            skip_special_tokens=True)
         assert text.strip() in generated  # the last call's ids decode to the text NeMo Gym recorded
-    assert [check_continuity(r).num_calls for r in work_rollouts] == [2] * NUM_ROWS
+    assert [check_continuity(r).num_calls for r in work_rollouts] == [2] * NUM_WORKPLACE_ROWS
     assert trainer_error(math_rollouts + work_rollouts, model) < 1.0001
 
 
@@ -143,7 +143,9 @@ def test_faulty_servers_get_the_verdict_they_deserve(fault, scripted_dir, rows_f
 
 
 def test_plain_vllm_is_judged_for_the_right_reason(scripted_dir, rows_files, tmp_path):
-    with VLLMServer.start(scripted_dir, served_model_name="scripted", dtype="float32") as vllm:
+    # The tool parser as NeMo Gym users run vLLM for tool calling (without it vLLM refuses requests with tools).
+    with VLLMServer.start(scripted_dir, served_model_name="scripted", dtype="float32",
+                          extra_args=["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]) as vllm:
         summary = validate_behind("0.4.0", vllm.base_url, "scripted", scripted_dir, rows_files, tmp_path / "run")
     layers, verdicts = summary["layers"], statuses(summary)
     assert verdicts == {**PASS_ALL, "token_continuity": "fail"}, {k: v["reason"] for k, v in layers.items()}
@@ -152,4 +154,4 @@ def test_plain_vllm_is_judged_for_the_right_reason(scripted_dir, rows_files, tmp
     assert "probe splice_bpe" in continuity and "server" in layers["token_continuity"]["reason"].lower()
     error = layers["gradient_flow"]["figures"]["token_mult_prob_error"]
     print(f"token_mult_prob_error, vLLM float32 vs gymnb's float32 trainer: {error:.7f}")
-    assert error < 1.001
+    assert error < 1.001  # greedy rows are scored at T=1, where vLLM's default raw log-probs are the sampler's
