@@ -35,30 +35,31 @@ def policy_port() -> int:
 @pytest.fixture(scope="session")
 def stack040(policy_port):
     with NemoGymStack.start("0.4.0", ["math_with_judge", "workplace_assistant"],
-                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="scripted") as s:
+                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="tiny") as s:
         yield s
 
 
 @pytest.fixture(scope="session")
-def scripted_dir(stack040) -> Path:
-    from nemo_gym_rows import scripted_nemo_gym_model
+def policy_dir() -> Path:
+    """The policy every stack serves: a tiny random model (head size 32, so real vLLM can serve it too)."""
+    from nemo_gym_rows import vllm_tiny_model
 
-    return scripted_nemo_gym_model("0.4.0", stack040.server_urls()["workplace_assistant"])
+    return vllm_tiny_model()
 
 
 @pytest.fixture(scope="session")
-def policy(scripted_dir, policy_port):
-    """gymnb serve (the reference policy server) behind every good-server stack."""
+def policy(policy_dir, policy_port):
+    """gymnb serve (the reference policy server) behind the good-server stacks."""
     from gymnb.server import PolicyServer
 
-    with PolicyServer.start(str(scripted_dir), model_id="scripted", port=policy_port, threads=1) as server:
+    with PolicyServer.start(str(policy_dir), model_id="tiny", port=policy_port, threads=1) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def stack020(policy, policy_port):
     with NemoGymStack.start("0.2.0", ["math_with_judge", "workplace_assistant"],
-                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="scripted") as s:
+                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="tiny") as s:
         yield s
 
 
