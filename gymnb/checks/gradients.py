@@ -99,7 +99,9 @@ def add_logprob_agreement(result: LayerResult, diffs: list[float], max_error: fl
                f"{error:.6f} over {len(diffs)} generated tokens; max |gen_lp - train_lp| = "
                f"{max((abs(d) for d in diffs), default=0.0):.3g}" + (
                    "" if error <= max_error else ". The trainer scores these tokens differently from the engine: "
-                   "different weights (stale refit?), temperature, or a different prompt (off-policy ids)"))
+                   "different weights (stale refit?), temperature, or a different prompt (off-policy ids). vLLM "
+                   "returns the raw logits' log-probs unless started with --logprobs-mode processed_logprobs: at "
+                   "a sampling temperature other than 1 they are not the sampler's"))
     result.figures.update(token_mult_prob_error=error, max_abs_logprob_diff=max((abs(d) for d in diffs), default=0.0),
                           mean_logprob_diff=sum(diffs) / len(diffs) if diffs else float("nan"),
                           num_generated_tokens=len(diffs))

@@ -148,8 +148,9 @@ def collect_rollouts_with_nemo_gym(stack: NemoGymStack, rows_path: Path, out_pat
             "+head_server.host=127.0.0.1", f"+head_server.port={stack.head_url.rsplit(':', 1)[1]}"]
     if limit is not None:
         argv.append(f"+limit={limit}")
-    if responses_create_params:
-        argv.append(f"+responses_create_params={json.dumps(responses_create_params)}")
+    if responses_create_params:  # Hydra's dict grammar: unquoted keys (0.2.0's parser refuses JSON)
+        items = ", ".join(f"{key}: {json.dumps(value)}" for key, value in responses_create_params.items())
+        argv.append(f"+responses_create_params={{{items}}}")
     proc = subprocess.run(argv, capture_output=True, text=True, env=nemo_gym_env(stack.version),
                           cwd=stack.workdir, timeout=timeout, check=False)
     if proc.returncode != 0 or not out_path.exists():

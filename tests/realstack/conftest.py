@@ -35,38 +35,41 @@ def policy_port() -> int:
 @pytest.fixture(scope="session")
 def stack040(policy_port):
     with NemoGymStack.start("0.4.0", ["math_with_judge", "workplace_assistant"],
-                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="scripted") as s:
+                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="tiny") as s:
         yield s
 
 
 @pytest.fixture(scope="session")
-def scripted_dir(stack040) -> Path:
-    from nemo_gym_rows import scripted_nemo_gym_model
+def policy_dir() -> Path:
+    """The policy every stack serves: a tiny random model (head size 32, so real vLLM can serve it too)."""
+    from nemo_gym_rows import vllm_tiny_model
 
-    return scripted_nemo_gym_model("0.4.0", stack040.server_urls()["workplace_assistant"])
+    return vllm_tiny_model()
 
 
 @pytest.fixture(scope="session")
-def policy(scripted_dir, policy_port):
-    """gymnb serve (the reference policy server) behind every good-server stack."""
+def policy(policy_dir, policy_port):
+    """gymnb serve (the reference policy server) behind the good-server stacks."""
     from gymnb.server import PolicyServer
 
-    with PolicyServer.start(str(scripted_dir), model_id="scripted", port=policy_port, threads=1) as server:
+    with PolicyServer.start(str(policy_dir), model_id="tiny", port=policy_port, threads=1) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def stack020(policy, policy_port):
     with NemoGymStack.start("0.2.0", ["math_with_judge", "workplace_assistant"],
-                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="scripted") as s:
+                            policy_base_url=f"http://127.0.0.1:{policy_port}/v1", policy_model_name="tiny") as s:
         yield s
 
 
 def run_validate(head_url: str, out: Path, *, env: str, model_dir: Path, rows_path: Path,
                  extra: tuple[str, ...] = ()) -> dict:
+    num_rows = len(rows_path.read_text().splitlines())
     """`gymnb validate --gym HEAD` as a user runs it (only the head URL: the policy comes from its config)."""
     argv = [sys.executable, "-m", "gymnb.cli", "validate", "--gym", head_url, "--env", env, "--out", str(out),
-            "-p", f"model={model_dir}", "-p", f"rows_path={rows_path}", "-p", "num_rows=2", "-p", "num_repeats=1",
+            "-p", f"model={model_dir}", "-p", f"rows_path={rows_path}", "-p", f"num_rows={num_rows}",
+            "-p", "num_repeats=1",
             "-p", "temperature=0", "-p", "max_output_tokens=48", *extra]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
     summary_path = out / "summary.json"
