@@ -18,7 +18,6 @@ from gymnb.engine import GenerationEngine, SamplingParams
 from gymnb.models import load_model
 from gymnb.train.batching import Sequence, TrainBatch
 from gymnb.train.config import GRPOConfig, LossSection, ModelSection, OptimizerSection
-from gymnb.train.loss import compute_token_logprobs, logprob_error_sums
 from gymnb.train.step import make_optimizer, make_scheduler, train_step
 
 PROMPTS = ["Hi", "Tell me a story about a cat", "2+2=", "Why is the sky blue?", "List three fruits", "Bye"]
@@ -43,18 +42,10 @@ def generate(tiny_model_dir, dtype: str) -> list[tuple[list[int], list[int], lis
 
 
 def mult_prob_error(model, generations, compute_dtype=None) -> float:
-    sums, tokens = 0.0, 0
-    for prompt, gen, lps in generations:
-        ids = torch.tensor([prompt + gen])
-        with torch.no_grad():
-            train_lp = compute_token_logprobs(model, ids, torch.ones_like(ids), 1.0, compute_dtype=compute_dtype)
-        mask = torch.zeros_like(train_lp)
-        mask[0, len(prompt):] = 1
-        gen_lp = torch.zeros_like(train_lp)
-        gen_lp[0, len(prompt):] = torch.tensor(lps)
-        sums += logprob_error_sums(train_lp, gen_lp, mask)["mult_prob_error_sum"]
-        tokens += len(gen)
-    return sums / tokens
+    """The figure `gymnb bench logprobs` reports, so the test and the bench measure the same thing."""
+    from gymnb.bench.logprobs import mult_prob_error as bench_error
+
+    return bench_error(model, generations, compute_dtype)["token_mult_prob_error"]
 
 
 def test_bf16_engine_matches_a_bf16_trainer_and_float32_stays_exact(tiny_model_dir, trainer):

@@ -23,6 +23,7 @@ import torch
 from gymnb.bench import http_load
 from gymnb.bench.server import find_vllm, gymnb_server, start_all, vllm_server
 from gymnb.config import REPO_ROOT
+from gymnb.wire import RETURN_TOKEN_IDS_REQUEST, VLLM_MODEL_TOKEN_REQUEST, read_token_ids
 
 ENGINES = ("gymnb:float32", "gymnb:bfloat16", "vllm:float32", "vllm:bfloat16")
 
@@ -33,18 +34,13 @@ async def sample_all(s, num_prompts: int, max_tokens: int) -> list[tuple[list[in
 
     async def one(session, index: int):
         body = {"model": s.model, "messages": http_load.user_messages(index), "max_tokens": max_tokens,
-                "temperature": 1.0, "top_p": 1.0, "seed": index}
-        if s.name == "vllm":
-            body.update(logprobs=True, return_token_ids=True)
+                "temperature": 1.0, "top_p": 1.0, "seed": index, **VLLM_MODEL_TOKEN_REQUEST, **RETURN_TOKEN_IDS_REQUEST}
         async with limit, session.post(f"{s.url}/v1/chat/completions", json=body) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 200:
                 raise RuntimeError(f"{s.key} answered {resp.status}: {str(data)[:300]}")
-        choice = data["choices"][0]
-        if s.name == "gymnb":
-            m = choice["message"]
-            return m["prompt_token_ids"], m["generation_token_ids"], m["generation_log_probs"]
-        return data["prompt_token_ids"], choice["token_ids"], [e["logprob"] for e in choice["logprobs"]["content"]]
+        ids = read_token_ids(data)[0]  # gymnb: the message bundle; vLLM: its token_ids with the logprobs
+        return ids.prompt_token_ids, ids.generation_token_ids, ids.generation_log_probs
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         return await asyncio.gather(*(one(session, i) for i in range(num_prompts)))
@@ -65,8 +61,7 @@ def mult_prob_error(model, generations, compute_dtype) -> dict:
         part = logprob_error_sums(train_lp, gen_lp, mask)
         sums, tokens = sums + part["mult_prob_error_sum"], tokens + len(gen)
         worst = max(worst, part["abs_logprob_diff_max"])
-    return {"token_mult_prob_error": round(sums / tokens, 6), "max_abs_logprob_diff": round(worst, 4),
-            "num_tokens": tokens}
+    return {"token_mult_prob_error": sums / tokens, "max_abs_logprob_diff": worst, "num_tokens": tokens}
 
 
 def sample_engine(spec: str, args, model_dir: Path) -> list | str:
@@ -119,6 +114,8 @@ def main(argv: list[str]) -> int:
             continue
         for trainer_dtype in ("float32", "bfloat16"):
             row = mult_prob_error(trainer, generations, getattr(torch, trainer_dtype))
+            row.update(token_mult_prob_error=round(row["token_mult_prob_error"], 6),  # the report's precision
+                       max_abs_logprob_diff=round(row["max_abs_logprob_diff"], 4))
             result["pairs"].setdefault(spec, {})[f"trainer {trainer_dtype}"] = row
             print(f"{spec:>15} engine vs {trainer_dtype:>8} trainer: token_mult_prob_error "
                   f"{row['token_mult_prob_error']:.6f} (max |diff| {row['max_abs_logprob_diff']}, "
