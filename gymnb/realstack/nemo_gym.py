@@ -26,7 +26,14 @@ from typing import Self
 
 from gymnb.checks.http import request_json
 from gymnb.errors import ConfigError, EnvironmentServerError
-from gymnb.realstack.process import Subprocess, free_port, installed_venv, realstack_dir, wait_for_http
+from gymnb.realstack.process import (
+    Managed,
+    Subprocess,
+    free_port,
+    installed_venv,
+    realstack_dir,
+    wait_for_http,
+)
 from gymnb.wire import parse_head_config
 
 NEMO_GYM_VERSIONS = ("0.2.0", "0.4.0")
@@ -68,7 +75,7 @@ def nemo_gym_env(version: str) -> dict:
     return env
 
 
-class NemoGymStack:
+class NemoGymStack(Managed):
     """`ng_run` of one NeMo Gym release with `envs` and the policy model server pointed at a policy endpoint."""
 
     def __init__(self, version: str, process: Subprocess, head_url: str, workdir: Path):
@@ -125,15 +132,6 @@ class NemoGymStack:
                     if isinstance(impl, dict) and impl.get("port"):
                         urls[name] = f"http://{impl.get('host') or '127.0.0.1'}:{impl['port']}"
         return urls
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def collect_rollouts_with_nemo_gym(stack: NemoGymStack, rows_path: Path, out_path: Path, *, agent: str,

@@ -69,6 +69,21 @@ class Subprocess:
             pass
 
 
+class Managed:
+    """A server run as one `Subprocess` in `self.process`: stopped by `stop()` or by leaving a `with` block."""
+
+    process: Subprocess
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
 def wait_for_http(url: str, process: Subprocess, *, timeout: float, what: str, headers: dict | None = None) -> None:
     """Poll GET `url` until it answers 200; fail with the log's tail if the process dies or time runs out."""
     deadline = time.monotonic() + timeout

