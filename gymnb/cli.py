@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gymnb.errors import GymnbError
+from gymnb.core.errors import GymnbError
 
 COMMANDS = {
-    "serve": ("gymnb.server", "Run the OpenAI-compatible on-policy policy server."),
+    "serve": ("gymnb.policy.server", "Run the OpenAI-compatible on-policy policy server."),
     "gym": ("gymnb.gym.spinup", "`gym up`: start NeMo-Gym-compatible environments (head, resources, agents)."),
-    "collect": ("gymnb.rollouts", "Collect rollouts from an environment into JSONL, with metrics."),
-    "check-continuity": ("gymnb.continuity", "Check token continuity of a rollouts JSONL file."),
-    "validate": ("gymnb.validate", "Run the five-layer validation suite and write an HTML report."),
+    "collect": ("gymnb.rollouts.collect", "Collect rollouts from an environment into JSONL, with metrics."),
+    "check-continuity": ("gymnb.tokens.continuity", "Check token continuity of a rollouts JSONL file."),
+    "validate": ("gymnb.validation.validate", "Run the five-layer validation suite and write an HTML report."),
     "train": ("gymnb.train", "Train with the reference GRPO loop."),
     "bench": ("gymnb.bench", "Benchmarks: `bench server`, `bench rollouts`, `bench train`."),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gymnb.models import cache_dir, make_tiny_model
+from gymnb.core.models import cache_dir, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def tiny_model_dir():
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from gymnb.models import load_tokenizer
+    from gymnb.core.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from gymnb.drift import responses_tools_to_chat
+from gymnb.tokens.drift import responses_tools_to_chat
 
 
 def render_ids(tokenizer, messages, tools=None, add_generation_prompt=False) -> list[int]:

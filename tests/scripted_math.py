@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from gymnb.models import cache_dir
-from gymnb.testing import make_scripted_model
+from gymnb.core.models import cache_dir
+from gymnb.policy.scripted import make_scripted_model
 
 QUESTIONS = [("What is 2 + 2?", "4"), ("What is 3 + 5?", "8")]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from gymnb.models import cache_dir
+from gymnb.core.models import cache_dir
 
 TOOL_NAMES = ("company_directory_find_email_address", "email_send_email")
 
@@ -27,8 +27,8 @@ def workplace_rows() -> list[dict]:
 
 def tool_output(name: str, arguments: dict) -> str:
     """The raw body the workplace server answers for a call, as the agent hands it to the model."""
+    from gymnb.gym.workplace.company import base_state
     from gymnb.gym.workplace.server import fastapi_dumps, run_tool
-    from gymnb.gym.workplace.state import base_state
 
     return fastapi_dumps({"output": run_tool(base_state(None), name, json.dumps(arguments).encode())})
 
@@ -53,6 +53,6 @@ def scripts(rows: list[dict]) -> list[dict]:
 
 def scripted_workplace_model(rows: list[dict]):
     """The scripted tiny model for `rows` (trained on first use, then cached under ~/.cache/gymnb/tiny)."""
-    from gymnb.testing import make_scripted_model
+    from gymnb.policy.scripted import make_scripted_model
 
     return make_scripted_model(cache_dir() / "tiny" / "scripted-workplace-rollouts", scripts(rows))

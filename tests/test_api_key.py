@@ -9,12 +9,12 @@ import urllib.request
 import nbformat
 import pytest
 
-from gymnb.config import API_KEY_ENV, read_api_key
-from gymnb.errors import ConfigError
+from gymnb.core.config import API_KEY_ENV, read_api_key
+from gymnb.core.errors import ConfigError
 from gymnb.gym import start_gym
 from gymnb.gym.data import load_rows
-from gymnb.runner import execute_notebook, kernel_api_key
-from gymnb.server import PolicyServer
+from gymnb.policy.server import PolicyServer
+from gymnb.validation.runner import execute_notebook, kernel_api_key
 
 KEY = "sk-test-7f3a9c0e5b"
 
@@ -62,7 +62,7 @@ def test_a_notebook_kernel_gets_the_key_without_it_reaching_the_notebook(tmp_pat
     parameters.metadata["tags"] = ["parameters"]
     check = nbformat.v4.new_code_cell(
         "import json, os\n"
-        "from gymnb.checks.integration import Integration\n"
+        "from gymnb.validation.checks.integration import Integration\n"
         f"integration = Integration('http://x', None, 'm', os.environ['{API_KEY_ENV}'])\n"
         f"json.dump({{'key_length': len(os.environ['{API_KEY_ENV}'])}}, open('seen.json', 'w'))\n"
         "integration")

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from gymnb import benchmarks as bm
-from gymnb.errors import ConfigError
+from gymnb.core.errors import ConfigError
+from gymnb.train.config import resolve_config_path
+from gymnb.validation import benchmarks as bm
 
 
 def samples(rewards_by_task: dict[int, list[float]]) -> list[dict]:
@@ -28,7 +29,7 @@ def metrics_log(steps: int, accuracies: dict[int, tuple[float, int]], mult_error
 
 
 def test_wilson_interval_matches_known_values():
-    from gymnb.stats import wilson_interval
+    from gymnb.core.stats import wilson_interval
 
     low, high = wilson_interval(0.3, 100)
     assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)
@@ -178,19 +179,19 @@ def test_smoke_is_the_cpu_config_cut_short_and_the_callers_overrides_win(monkeyp
 
 @pytest.mark.parametrize("name", ["grpo_math_cpu", "grpo_math_cpu.yaml", "configs/train/grpo_math_cpu.yaml"])
 def test_a_train_config_is_a_name_or_a_path_for_the_cli_and_the_notebooks(name, monkeypatch):
-    from gymnb.config import REPO_ROOT
-    from gymnb.errors import ConfigError
+    from gymnb.core.config import REPO_ROOT
+    from gymnb.core.errors import ConfigError
     from gymnb.train import main as train_main
 
     monkeypatch.chdir(REPO_ROOT)
-    assert bm.resolve_train_config(name).resolve() == REPO_ROOT / "configs" / "train" / "grpo_math_cpu.yaml"
+    assert resolve_config_path(name).resolve() == REPO_ROOT / "configs" / "train" / "grpo_math_cpu.yaml"
     # the CLI reads the named file: its cross-field check fails on the override before any model loads
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
         train_main(["--config", name, "grpo.group_size=1"])
 
 
 def test_an_unknown_train_config_lists_the_known_names():
-    from gymnb.errors import ConfigError
+    from gymnb.core.errors import ConfigError
     from gymnb.train import main as train_main
 
     with pytest.raises(ConfigError, match="train config grpo_mat not found.*grpo_math_cpu"):

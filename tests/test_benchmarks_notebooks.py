@@ -10,7 +10,7 @@ import json
 import pytest
 from scripted_math import QUESTIONS
 
-from gymnb.config import REPO_ROOT
+from gymnb.core.config import REPO_ROOT
 
 NOTEBOOKS = REPO_ROOT / "notebooks" / "benchmarks"
 pytestmark = pytest.mark.slow

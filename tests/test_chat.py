@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from gymnb.chat import parse_tool_calls, parse_tools
-from gymnb.splice import build_prompt_ids
+from gymnb.policy.chat import parse_tool_calls, parse_tools
+from gymnb.policy.splice import build_prompt_ids
 
 ADD_TOOL = {
     "type": "function",

@@ -18,15 +18,15 @@ from rollout_builders import (
     tool,
 )
 
-from gymnb.continuity import (
+from gymnb.core.errors import ContinuityError
+from gymnb.core.models import load_tokenizer
+from gymnb.tokens.continuity import (
     audit_loss_mask,
     check_continuity,
     extract_trainable_turns,
     main,
     process_rollout_for_training,
 )
-from gymnb.errors import ContinuityError
-from gymnb.models import load_tokenizer
 
 TOOLS = [tool("email_send_email", recipient="Email address of the recipient", subject="Subject line")]
 INPUT = [{"role": "system", "content": "You are a workplace assistant."}, {"role": "user", "content": "Email Ann."}]

@@ -7,8 +7,8 @@ import json
 import pytest
 from rollout_builders import build_rollout, call_text, tool
 
-from gymnb.drift import audit_drift, rollout_conversation
-from gymnb.models import load_tokenizer
+from gymnb.core.models import load_tokenizer
+from gymnb.tokens.drift import audit_drift, rollout_conversation
 
 TOOLS = [tool("email_send_email", recipient="Email address of the recipient", subject="Subject line")]
 INPUT = [{"role": "system", "content": "You are a workplace assistant."}, {"role": "user", "content": "Email Ann."}]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_server import model_log_probs
 
-from gymnb.engine import GenerationEngine, SamplingParams
-from gymnb.models import load_model
+from gymnb.core.models import load_model
+from gymnb.policy.engine import GenerationEngine, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_admission_counts_the_width_the_prefill_lays_out(loaded):
 
 
 def test_prefix_cache_supersedes_and_evicts():
-    from gymnb.prefix_cache import PrefixCache
+    from gymnb.policy.prefix_cache import PrefixCache
 
     def kv(n):  # one layer, 1 head, dim 2: n tokens = 16 n bytes of keys + values
         return [torch.zeros(1, n, 2)], [torch.zeros(1, n, 2)]

@@ -13,9 +13,9 @@ import threading
 import pytest
 import torch
 
-from gymnb.cpu_threads import ThreadBudget, threads_for
-from gymnb.engine import GenerationEngine, SamplingParams
-from gymnb.models import load_model
+from gymnb.core.models import load_model
+from gymnb.policy.cpu_threads import ThreadBudget, threads_for
+from gymnb.policy.engine import GenerationEngine, SamplingParams
 from gymnb.train.batching import Sequence, TrainBatch
 from gymnb.train.config import GRPOConfig, LossSection, ModelSection, OptimizerSection
 from gymnb.train.step import make_optimizer, make_scheduler, train_step
@@ -108,7 +108,7 @@ def test_thread_budget_resizes_only_the_calling_thread():
 
 def test_two_level_sampler_picks_what_one_full_cdf_picks():
     """The sampler's block-wise inverse CDF against a plain cumsum + searchsorted, zero-mass runs included."""
-    from gymnb.engine import inverse_cdf
+    from gymnb.policy.engine import inverse_cdf
 
     generator = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(32, 1000, generator=generator), dim=-1)  # 1000: not a block multiple

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_server import model_log_probs
 
-from gymnb.engine import GenerationEngine, SamplingParams
-from gymnb.errors import ServerError
-from gymnb.models import load_model
+from gymnb.core.errors import ServerError
+from gymnb.core.models import load_model
+from gymnb.policy.engine import GenerationEngine, SamplingParams
 
 
 @pytest.fixture(scope="module")

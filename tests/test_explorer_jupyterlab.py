@@ -23,7 +23,7 @@ import pytest
 from browser import launch
 from rollout_builders import build_rollout, naive_client
 
-from gymnb.runner import NOTEBOOKS_DIR
+from gymnb.validation.runner import NOTEBOOKS_DIR
 
 
 def free_port() -> int:
@@ -35,7 +35,7 @@ def free_port() -> int:
 def recorded_rollouts(tokenizer, path: Path) -> Path:
     """Two multi-turn rollouts: one spliced (continuous), one whose client re-tokenized the history. The first
     turn was generated as a non-canonical split, as sampling does, so re-tokenizing it changes the ids."""
-    from gymnb.checks.roundtrip import noncanonical_ids
+    from gymnb.validation.checks.roundtrip import noncanonical_ids
 
     chat = [{"role": "user", "content": "Say something about jeans."}]
     text = "Skinny jeans are back."
@@ -135,7 +135,7 @@ def run_all_and_click(url: str, shots: Path) -> tuple[str, str, str]:
 def test_explorer_runs_live_in_jupyterlab_on_a_failing_layer(tiny_model_dir, tokenizer, tmp_path):
     import papermill
 
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     root = tmp_path / "lab"
     root.mkdir()

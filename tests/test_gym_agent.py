@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gymnb.core.http import ServerLoop, read_json
+from gymnb.core.models import cache_dir
 from gymnb.gym import model_server, simple_agent
-from gymnb.gym.common import ServerLoop, SessionStore, check_row, make_server_app, require_fields
-from gymnb.http_json import read_json
-from gymnb.models import cache_dir
+from gymnb.gym.common import SessionStore, check_row, make_server_app, require_fields
 
 # With a description: the policy server fills in a missing one, and the scripted prompts must match its rendering.
 ADD_TOOL = {"type": "function", "name": "add", "description": "Add a.",
@@ -80,8 +80,8 @@ def make_counter_app() -> web.Application:
 
 @pytest.fixture(scope="module")
 def stack():
-    from gymnb.server import PolicyServer
-    from gymnb.testing import make_scripted_model
+    from gymnb.policy.scripted import make_scripted_model
+    from gymnb.policy.server import PolicyServer
 
     model_dir = make_scripted_model(cache_dir() / "tiny" / "scripted-gym-agent", [CONVERSATION])
     loop = ServerLoop("test-agent")

@@ -8,7 +8,7 @@ import json
 import pytest
 from nemo_gym_data import example_file
 
-from gymnb.errors import ConfigError
+from gymnb.core.errors import ConfigError
 from gymnb.gym.common import check_row
 from gymnb.gym.data import (
     DAPO_PROMPT,

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from nemo_gym_data import example_file
 
-from gymnb.gym.common import ServerLoop
+from gymnb.core.http import ServerLoop
 from gymnb.gym.math_with_judge import VERIFIER_KEY, make_app, strip_math_delimiters, verify_math_answer
 from gymnb.gym.metrics import compute_aggregate_metrics
 

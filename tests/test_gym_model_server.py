@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gymnb.gym.common import ServerLoop
+from gymnb.core.http import ServerLoop
+from gymnb.core.responses import input_to_messages
 from gymnb.gym.model_server import make_app, pick_base_url
-from gymnb.gym.responses_convert import input_to_messages
 
 TOKENS = {"prompt_token_ids": [1, 2, 3], "generation_token_ids": [7, 8], "generation_log_probs": [-0.5, -0.25]}
 
@@ -155,8 +155,8 @@ def test_real_nemo_gym_rows_are_accepted_and_convert():
     """NeMo Gym's example rows (from its wheel): accepted as rows, and their tools/settings reach the chat request."""
     from nemo_gym_data import example_file
 
+    from gymnb.core.responses import responses_to_chat
     from gymnb.gym.common import check_row
-    from gymnb.gym.responses_convert import responses_to_chat
 
     math_rows = [json.loads(line) for line in example_file("math_with_judge").read_text().splitlines()]
     work_rows = [json.loads(line) for line in example_file("workplace_assistant").read_text().splitlines()]

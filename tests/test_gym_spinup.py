@@ -13,8 +13,8 @@ import pytest
 import yaml
 from nemo_gym_data import example_file
 
-from gymnb.config import REPO_ROOT
-from gymnb.errors import ConfigError
+from gymnb.core.config import REPO_ROOT
+from gymnb.core.errors import ConfigError
 from gymnb.gym import start_gym
 from gymnb.gym.config import iter_instances, load_gym_config
 from gymnb.gym.data import load_rows
@@ -75,7 +75,7 @@ def test_an_env_from_a_yaml_file(tmp_path):
 
 
 def test_start_gym_runs_math_end_to_end_with_a_tiny_model(tiny_model_dir):
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     real_row = json.loads(example_file("math_with_judge").read_text().splitlines()[0])
     rows = load_rows("math_with_judge", "validation", limit=2) + [real_row]  # a real NeMo Gym row, as prepared

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gymnb.errors import ConfigError
-from gymnb.gym.workplace.company import STALE_CUTOFF, generate_company
+from gymnb.core.errors import ConfigError
+from gymnb.gym.workplace.company import STALE_CUTOFF, base_state, generate_company
 from gymnb.gym.workplace.data import SPLITS, check_ground_truth, generate_tasks, make_rows
 from gymnb.gym.workplace.schemas import TOOL_SCHEMAS
-from gymnb.gym.workplace.state import TABLE_FILES, base_state, load_state, write_state
+from gymnb.gym.workplace.state import TABLE_FILES, load_state, write_state
 from gymnb.gym.workplace.tools import ToolError, call_tool
 from gymnb.gym.workplace.verify import compute_reward, diff_tables, replay_calls
 

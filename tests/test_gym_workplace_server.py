@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from test_gym_workplace_env import CSV_FIXTURE, load_example_rows, write_fixture
 
-from gymnb.errors import ConfigError
-from gymnb.gym.common import ServerLoop
+from gymnb.core.errors import ConfigError
+from gymnb.core.http import ServerLoop
+from gymnb.gym.workplace.company import base_state
 from gymnb.gym.workplace.data import make_rows
 from gymnb.gym.workplace.server import make_app
-from gymnb.gym.workplace.state import base_state
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gymnb.core.models import load_model
 from gymnb.gym import start_gym
 from gymnb.gym.data import load_rows
-from gymnb.models import load_model
-from gymnb.server import PolicyServer
+from gymnb.policy.server import PolicyServer
 
 SETTINGS = {"deadline": None, "derandomize": True,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}

@@ -10,7 +10,7 @@ def test_a_mistyped_model_name_fails_before_transformers_loads_with_a_suggestion
     import subprocess
     import sys
 
-    code = ("import sys\nfrom gymnb.errors import ModelLoadError\nfrom gymnb.models import load_model\n"
+    code = ("import sys\nfrom gymnb.core.errors import ModelLoadError\nfrom gymnb.core.models import load_model\n"
             "try:\n    load_model('smollm2-135')\nexcept ModelLoadError as exc:\n    print(exc)\n"
             "print('transformers imported:', 'transformers' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -19,8 +19,8 @@ def test_a_mistyped_model_name_fails_before_transformers_loads_with_a_suggestion
 
 
 def test_a_hub_id_missing_from_the_cache_fails_fast_offline(monkeypatch):
-    from gymnb.errors import ModelLoadError
-    from gymnb.models import resolve_model_path
+    from gymnb.core.errors import ModelLoadError
+    from gymnb.core.models import resolve_model_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set.*"

@@ -11,13 +11,13 @@ import warnings
 
 import pytest
 
-from gymnb.errors import ConfigError, ServerError
+from gymnb.core.errors import ConfigError, ServerError
 
 
 def test_generation_raises_no_deprecation_warning(tiny_model_dir):
     """transformers renamed the KV-cache argument; the old name warned in red in every JupyterLab run."""
-    from gymnb.engine import GenerationEngine, SamplingParams
-    from gymnb.models import load_model
+    from gymnb.core.models import load_model
+    from gymnb.policy.engine import GenerationEngine, SamplingParams
 
     loaded = load_model(str(tiny_model_dir), max_model_len=256)
     engine = GenerationEngine(loaded, max_batch_size=2)
@@ -33,7 +33,7 @@ def test_generation_raises_no_deprecation_warning(tiny_model_dir):
 
 
 def test_stopping_a_server_loop_with_a_pending_task_prints_no_asyncio_dump(caplog):
-    from gymnb.gym.common import ServerLoop
+    from gymnb.core.http import ServerLoop
 
     loop = ServerLoop("test-loop")
     started = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop.loop)
@@ -47,7 +47,7 @@ def test_stopping_a_server_loop_with_a_pending_task_prints_no_asyncio_dump(caplo
 
 
 def test_a_taken_port_is_named_before_the_model_loads():
-    from gymnb import server
+    from gymnb.policy import server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -82,7 +82,7 @@ def test_the_no_splice_server_announces_that_it_is_faulty(tiny_model_dir):
 
 def test_a_head_server_given_as_base_url_suggests_gym():
     from gymnb.gym import start_gym
-    from gymnb.validate import main
+    from gymnb.validation.validate import main
 
     with start_gym(["math_with_judge"], policy_base_url="http://127.0.0.1:9/v1", policy_model_name="m") as gym, \
             pytest.raises(ConfigError, match=rf"is a NeMo Gym head server .* Fix: pass it as --gym {gym.head_url}"):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from scripted_workplace import scripted_workplace_model, workplace_rows
 
-from gymnb import validate
-from gymnb.checks.roundtrip import ROUNDTRIP_CASES
+from gymnb.validation import validate
+from gymnb.validation.checks.roundtrip import ROUNDTRIP_CASES
 
 STEMS = {"http_endpoint": "01_http_endpoint", "token_roundtrip": "02_token_roundtrip",
          "rollout_collection": "03_rollout_collection", "token_continuity": "04_token_continuity",
@@ -84,7 +84,7 @@ def test_every_notebook_passes_on_the_embedded_smoke_integration(smoke, tmp_path
 def test_a_server_that_retokenizes_history_fails_layer_04_with_the_divergence(smoke, tmp_path):
     """External integration: only the Gym head URL is given; the policy server is found through its config."""
     from gymnb.gym import start_gym
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     model_dir, rows_path = smoke
     run_dir = tmp_path / "run"

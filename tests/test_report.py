@@ -8,10 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gymnb.checks.plots import plot_histogram
-from gymnb.checks.result import LAYERS, LayerResult
-from gymnb.report import write_report
-from gymnb.runner import NotebookRun
+from gymnb.validation.checks.plots import plot_histogram
+from gymnb.validation.checks.result import LAYERS, LayerResult
+from gymnb.validation.report import write_report
+from gymnb.validation.runner import NotebookRun
 
 DIVERGENCE_HTML = "<div class='tokenview'>first divergence at model call 2, token 17</div>"
 
@@ -134,7 +134,7 @@ def test_index_opened_alone_offline_carries_every_notebook_and_every_link_resolv
 
     from browser import open_alone_offline
 
-    from gymnb.runner import NOTEBOOKS_DIR, export_html
+    from gymnb.validation.runner import NOTEBOOKS_DIR, export_html
 
     runs = constructed_runs(tmp_path / "run")
     for run in runs:  # real nbconvert exports (lab template), as the runner writes them

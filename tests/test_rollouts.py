@@ -12,10 +12,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gymnb.errors import ConfigError, EnvironmentServerError
-from gymnb.gym.common import ServerLoop
-from gymnb.rollout_metrics import compute_metrics, pass_at_k
-from gymnb.rollouts import collect_rollouts_sync, expand_rows, main, read_results
+from gymnb.core.errors import ConfigError, EnvironmentServerError
+from gymnb.core.http import ServerLoop
+from gymnb.rollouts.collect import collect_rollouts_sync, expand_rows, main, read_results
+from gymnb.rollouts.metrics import compute_metrics, pass_at_k
 
 
 class ScriptedAgent:

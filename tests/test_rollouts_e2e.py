@@ -21,16 +21,16 @@ import yaml
 from aiohttp import web
 from scripted_workplace import scripted_workplace_model, workplace_rows
 
-from gymnb.continuity import (
+from gymnb.core.http import ServerLoop
+from gymnb.core.models import load_tokenizer
+from gymnb.rollouts.collect import collect_rollouts_sync, read_results
+from gymnb.tokens.continuity import (
     audit_loss_mask,
     check_rollouts,
     extract_trainable_turns,
     process_rollout_for_training,
 )
-from gymnb.drift import audit_drift
-from gymnb.gym.common import ServerLoop
-from gymnb.models import load_tokenizer
-from gymnb.rollouts import collect_rollouts_sync, read_results
+from gymnb.tokens.drift import audit_drift
 
 OVERRIDES = {"temperature": 0.0, "max_output_tokens": 64}
 
@@ -48,7 +48,7 @@ def scripted_dir(rows):
 @pytest.fixture(scope="module")
 def stack(scripted_dir):
     from gymnb.gym import start_gym
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     with PolicyServer.start(str(scripted_dir), model_id="scripted", threads=1) as server, \
             start_gym(["workplace_assistant"], policy_base_url=server.base_url,
@@ -160,7 +160,7 @@ def test_per_rollout_seeds_reach_the_sampler(tiny_model_dir):
     the same tokens run to run, another seed other tokens, and the repeats of one row differ from each other."""
     from gymnb.gym import start_gym
     from gymnb.gym.data import load_rows
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     rows = load_rows("math_with_judge", "validation", 1)
     with PolicyServer.start(str(tiny_model_dir), model_id="tiny", threads=1) as server, \

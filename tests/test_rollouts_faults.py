@@ -11,8 +11,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gymnb.gym.common import ServerLoop
-from gymnb.rollouts import collect_rollouts_sync, main
+from gymnb.core.http import ServerLoop
+from gymnb.rollouts.collect import collect_rollouts_sync, main
 
 CHAINED_500 = ("model server 'policy_model': the policy endpoint answered HTTP 500: internal server error: "
                "IndexError: index out of range in self")

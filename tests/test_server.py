@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 import torch
 
-from gymnb.models import load_model
-from gymnb.server import PolicyServer
+from gymnb.core.models import load_model
+from gymnb.policy.server import PolicyServer
 
 
 def post(url: str, body, api_key: str | None = None) -> tuple[int, dict]:

@@ -7,8 +7,8 @@ import urllib.request
 import pytest
 from test_server import post
 
-from gymnb.models import load_model
-from gymnb.server import PolicyServer
+from gymnb.core.models import load_model
+from gymnb.policy.server import PolicyServer
 
 USER = [{"role": "user", "content": "hi"}]
 TURN = {

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from gymnb.models import load_model
-from gymnb.server import PolicyServer
+from gymnb.core.models import load_model
+from gymnb.policy.server import PolicyServer
 
 USER = [{"role": "user", "content": "hi"}]
 DEEP = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -1,6 +1,6 @@
 """The real `openai` client against a live server; the seed's "Full Endpoint Test" (validate-integration.md).
 
-Tool calling needs a model that calls tools: a scripted tiny model (gymnb.testing) overfit so that greedy
+Tool calling needs a model that calls tools: a scripted tiny model (gymnb.policy.scripted) overfit so that greedy
 decoding emits a `<tool_call>` and, after the tool result, a final answer. It is served like any model.
 """
 
@@ -13,9 +13,9 @@ import aiohttp
 import openai
 import pytest
 
-from gymnb.models import cache_dir, load_model
-from gymnb.server import PolicyServer
-from gymnb.testing import make_scripted_model
+from gymnb.core.models import cache_dir, load_model
+from gymnb.policy.scripted import make_scripted_model
+from gymnb.policy.server import PolicyServer
 
 ADD_TOOL = {
     "type": "function",

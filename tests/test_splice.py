@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from test_server import post
 
-from gymnb.errors import RequestError
-from gymnb.models import load_model
-from gymnb.server import PolicyServer
-from gymnb.splice import build_prompt_ids, splice_ids
+from gymnb.core.errors import RequestError
+from gymnb.core.models import load_model
+from gymnb.policy.server import PolicyServer
+from gymnb.policy.splice import build_prompt_ids, splice_ids
 
 EOS = 2  # <|im_end|> in SmolLM2's tokenizer; checked below
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gymnb.stats import normal_interval, standard_error, wilson_interval
+from gymnb.core.stats import normal_interval, standard_error, wilson_interval
 
 
 def test_normal_interval_by_hand():

@@ -8,8 +8,8 @@ import re
 
 from rollout_builders import build_rollout, call_text, naive_client, tool
 
-from gymnb.continuity import check_continuity, extract_trainable_turns
-from gymnb.tokenview import (
+from gymnb.tokens.continuity import check_continuity, extract_trainable_turns
+from gymnb.tokens.tokenview import (
     explore_rollouts,
     render_call_html,
     render_rollout_html,

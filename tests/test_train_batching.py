@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gymnb.errors import ContinuityError
-from gymnb.train.batching import build_train_batch, iter_micro_batches, model_calls, rollout_to_sequence
+from gymnb.core.errors import ContinuityError
+from gymnb.tokens.continuity import extract_trainable_turns
+from gymnb.train.batching import build_train_batch, iter_micro_batches, rollout_to_sequence
 
 
 def make_rollout(calls, reward=1.0, task_index=0, tool_between=True):
@@ -26,7 +27,7 @@ def test_multi_turn_rollout_flattens_with_generation_masked_in_place():
     p1 = p0 + g0 + [7, 8, 9]  # tool output + template glue between the calls
     g1 = [12, 2]
     rollout = make_rollout([(p0, g0, [-0.1, -0.2, -0.3]), (p1, g1, [-0.4, -0.5])])
-    assert [c["generation_token_ids"] for c in model_calls(rollout)] == [g0, g1]
+    assert [c["generation_token_ids"] for c in extract_trainable_turns(rollout)] == [g0, g1]
     seq = rollout_to_sequence(rollout, group_id=0)
     assert seq.token_ids == p1 + g1
     assert seq.trainable == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 2

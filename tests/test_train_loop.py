@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gymnb.config import load_config
-from gymnb.errors import ConfigError
+from gymnb.core.config import load_config
+from gymnb.core.errors import ConfigError
 from gymnb.train.config import GRPOConfig
 
 
@@ -67,7 +67,7 @@ def test_grpo_loop_trains_on_policy_and_resumes_from_the_saved_step(scripted_mat
 
 
 def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tiny_model_dir, tmp_path):
-    from gymnb.models import load_model
+    from gymnb.core.models import load_model
     from gymnb.train import checkpoint as ckpt
     from gymnb.train.config import OptimizerSection
     from gymnb.train.step import make_optimizer, make_scheduler

@@ -11,7 +11,7 @@ import json
 import pytest
 from scripted_workplace import scripted_workplace_model, workplace_rows
 
-from gymnb.config import load_config
+from gymnb.core.config import load_config
 from gymnb.train.config import GRPOConfig
 
 

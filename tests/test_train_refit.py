@@ -63,8 +63,8 @@ def one_training_step(model, messages: list[dict]) -> None:
 
 
 def test_refit_makes_server_log_probs_match_the_trainer(tiny_model_dir):
-    from gymnb.models import load_model
-    from gymnb.server import PolicyServer
+    from gymnb.core.models import load_model
+    from gymnb.policy.server import PolicyServer
 
     loaded = load_model(str(tiny_model_dir))
     trainer = loaded.model

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gymnb import validate
-from gymnb.errors import ConfigError
-from gymnb.runner import collect_results, parse_parameter_overrides, resolve_parameters
+from gymnb.core.errors import ConfigError
+from gymnb.validation import validate
+from gymnb.validation.runner import collect_results, parse_parameter_overrides, resolve_parameters
 
 
 def test_overrides_parse_as_yaml_scalars():
@@ -63,7 +63,7 @@ def test_notebook_that_died_is_a_failure_with_its_error(tmp_path):
 @pytest.mark.slow
 def test_validate_reports_a_failing_layer_and_still_runs_the_rest(tmp_path, tiny_model_dir):
     """External server (a real one on loopback); layer 02 gets a tokenizer path that does not exist."""
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     with PolicyServer.start(str(tiny_model_dir), model_id="tiny") as server:
         code = validate.main(["--base-url", server.base_url, "--layers", "token_roundtrip,http_endpoint",
@@ -91,8 +91,8 @@ def test_list_parameters_documents_every_notebook_parameter(capsys):
 
 
 def test_raise_for_errors_names_each_failed_layer(tmp_path):
-    from gymnb.errors import GymnbError
-    from gymnb.runner import NotebookRun, raise_for_errors
+    from gymnb.core.errors import GymnbError
+    from gymnb.validation.runner import NotebookRun, raise_for_errors
 
     def run(layer, status, reason=""):
         return NotebookRun(layer, tmp_path, tmp_path / f"{layer}.ipynb", None,
@@ -108,8 +108,8 @@ def served_as(tiny_model_dir):
     """A real policy server on the tiny model that answers /v1/models with the given model id."""
     from contextlib import contextmanager
 
-    from gymnb.models import load_model
-    from gymnb.server import PolicyServer
+    from gymnb.core.models import load_model
+    from gymnb.policy.server import PolicyServer
 
     loaded = load_model(str(tiny_model_dir), max_model_len=512)
 
@@ -122,7 +122,7 @@ def served_as(tiny_model_dir):
 
 
 def test_external_servers_model_is_found_from_its_model_id(served_as, tiny_model_dir):
-    from gymnb.checks import policy_model
+    from gymnb.validation.checks import policy_model
 
     with served_as(str(tiny_model_dir)) as server:  # `gymnb serve --model DIR` serves the directory as its id
         assert policy_model("", server.base_url) == str(tiny_model_dir)
@@ -155,7 +155,7 @@ def committed_copy(tmp_path, monkeypatch, layer_file: str) -> Path:
     import shutil
     import subprocess
 
-    from gymnb import runner
+    from gymnb.validation import runner
 
     root = tmp_path / "repo"
     folder = root / "notebooks" / "validation"
@@ -193,7 +193,7 @@ def test_a_hand_edited_notebook_does_not_change_a_headless_run(tmp_path, monkeyp
     note = summary["parameters"]["notebook_notes"]["token_roundtrip"]
     assert "differs from the committed notebook" in note and "left over from a session" in note
     assert "differs from the committed notebook" in (run_dir / "index.html").read_text()
-    from gymnb.checks.roundtrip import ROUNDTRIP_CASES
+    from gymnb.validation.checks.roundtrip import ROUNDTRIP_CASES
 
     figures = summary["layers"]["token_roundtrip"]["figures"]
     assert figures["num_cases"] == len(ROUNDTRIP_CASES)  # the edited extra string was not checked

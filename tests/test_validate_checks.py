@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from gymnb.checks.collection import check_rollout_collection
-from gymnb.checks.continuity import chat, check_token_continuity, output_item, run_multiturn_probe
-from gymnb.checks.gradients import check_gradient_flow
-from gymnb.checks.integration import connect
-from gymnb.models import cache_dir, load_model, make_tiny_model
-from gymnb.rollouts import RolloutRun
+from gymnb.core.models import cache_dir, load_model, make_tiny_model
+from gymnb.rollouts.collect import RolloutRun
+from gymnb.validation.checks.collection import check_rollout_collection
+from gymnb.validation.checks.continuity import chat, check_token_continuity, output_item, run_multiturn_probe
+from gymnb.validation.checks.gradients import check_gradient_flow
+from gymnb.validation.checks.integration import connect
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
     """The same tiny model served twice: splicing (correct) and re-tokenizing history (the fault)."""
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     with PolicyServer.start(str(tiny_model_dir), model_id="tiny", threads=1) as good, \
             PolicyServer.start(str(tiny_model_dir), model_id="tiny", threads=1, splice=False) as bad:
@@ -81,8 +81,8 @@ def test_endpoint_layer_reads_ids_as_nemo_gym_and_names_what_a_faulty_server_get
                                                                                         tmp_path):
     """A correct server passes with all three sources agreeing; a server that writes logprobs tokens as text
     fails naming the field; a plain chat server (no token ids anywhere) fails, and the later checks still run."""
-    from gymnb.checks.endpoint import check_endpoint
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
+    from gymnb.validation.checks.endpoint import check_endpoint
 
     good, _ = servers
     passed = check_endpoint(good.base_url, output_dir=tmp_path / "good")

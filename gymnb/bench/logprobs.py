@@ -22,8 +22,8 @@ import torch
 
 from gymnb.bench import http_load
 from gymnb.bench.server import find_vllm, gymnb_server, start_all, vllm_server
-from gymnb.config import REPO_ROOT
-from gymnb.wire import RETURN_TOKEN_IDS_REQUEST, VLLM_MODEL_TOKEN_REQUEST, read_token_ids
+from gymnb.core.config import REPO_ROOT
+from gymnb.core.wire import RETURN_TOKEN_IDS_REQUEST, VLLM_MODEL_TOKEN_REQUEST, read_token_ids
 
 ENGINES = ("gymnb:float32", "gymnb:bfloat16", "vllm:float32", "vllm:bfloat16")
 
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     args.threads, args.max_batch_size, args.prefix_cache_mb, args.vllm_max_model_len = None, 16, 0, 2048
     args.server_timeout = 1800.0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from gymnb.models import load_model, resolve_model_path
+    from gymnb.core.models import load_model, resolve_model_path
 
     model_dir = Path(str(resolve_model_path(args.model)[0]))
     trainer = load_model(args.model).model  # float32 weights, as the trainer keeps them

@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from gymnb.config import REPO_ROOT
+from gymnb.core.config import REPO_ROOT
 
 
 class EngineBusyTimer:
@@ -65,8 +65,8 @@ def union_seconds(intervals, start: float, end: float) -> float:
 
 def run_level(rows, head_url, concurrency: int, num_rollouts: int, overrides: dict, busy: EngineBusyTimer,
               forward) -> dict:
-    from gymnb.continuity import extract_trainable_turns
-    from gymnb.rollouts import collect_rollouts_sync
+    from gymnb.rollouts.collect import collect_rollouts_sync
+    from gymnb.tokens.continuity import extract_trainable_turns
 
     num_repeats = math.ceil(num_rollouts / len(rows))
     forward.take()
@@ -122,7 +122,7 @@ def format_table(levels: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     from gymnb.gym import start_gym
     from gymnb.gym.data import load_rows
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
     from gymnb.train.metrics import ForwardTimer
 
     args = build_parser().parse_args(argv)

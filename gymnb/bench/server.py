@@ -31,8 +31,8 @@ from pathlib import Path
 import aiohttp
 
 from gymnb.bench import http_load
-from gymnb.config import REPO_ROOT
-from gymnb.models import cache_dir
+from gymnb.core.config import REPO_ROOT
+from gymnb.core.models import cache_dir
 
 VLLM_VERSION = "0.32.0"
 VLLM_REMEDY = "install it with `make real-vllm` (scripts/realstack/install_vllm.sh), or pass --vllm PATH"
@@ -195,9 +195,9 @@ def combine(cell: dict) -> dict:
 
 def bench_in_process(args, dtype: str, num_prompts: int) -> dict:
     """gymnb's ceiling: the same prompts in one padded batch, no HTTP (run in this process)."""
-    from gymnb.engine import GenerationEngine, SamplingParams
-    from gymnb.models import load_model
-    from gymnb.splice import build_prompt_ids
+    from gymnb.core.models import load_model
+    from gymnb.policy.engine import GenerationEngine, SamplingParams
+    from gymnb.policy.splice import build_prompt_ids
 
     engine = GenerationEngine(load_model(args.model, dtype=dtype, threads=args.threads),
                               max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gymnb bench server: {why}", file=sys.stderr)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from gymnb.models import resolve_model_path
+    from gymnb.core.models import resolve_model_path
 
     model_dir = Path(str(resolve_model_path(args.model)[0]))
     result = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,

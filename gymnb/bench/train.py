@@ -110,14 +110,13 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from gymnb.benchmarks import resolve_train_config
-    from gymnb.config import REPO_ROOT, config_hash, config_to_dict, load_config
-    from gymnb.train.config import GRPOConfig
+    from gymnb.core.config import REPO_ROOT, config_hash, config_to_dict, load_config
+    from gymnb.train.config import GRPOConfig, resolve_config_path
 
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("gymnb bench train: --steps must be >= 1")
-    cfg = load_config(GRPOConfig, resolve_train_config(args.config),
+    cfg = load_config(GRPOConfig, resolve_config_path(args.config),
                       BENCH_OVERRIDES + ["run_name=bench_train"] + list(args.overrides))
     summary = run_bench(cfg, args.steps)
     summary["config"] = config_to_dict(cfg)

@@ -9,19 +9,20 @@ What a resources server needs, in the order it uses them:
   In a handler, `session_id(request)` is this request's id (fresh if the client sent none). Keep state in a
   `SessionStore`: `store.put(request, state)` in `/seed_session`, `store.get(request)` in tools and `/verify`
   (HTTP 400 "no seeded session" when the client never seeded, as NeMo Gym's tool calls require).
-- Errors. Raise `gymnb.errors.RequestError(message, param=..., status=...)` anywhere in a handler: the
+- Errors. Raise `gymnb.core.errors.RequestError(message, param=..., status=...)` anywhere in a handler: the
   middleware answers `{"error": {"message", "type", "param", "code"}}` with that status. Unknown routes give
   404 in the same shape, and an unexpected exception gives 500 in the same shape: a client's fault never kills
-  the server. `gymnb.http_json.error_response(...)` builds such a response directly.
-- Input. `await gymnb.http_json.read_json(request)`: the body as a dict (400 if not JSON, nested deeper than
+  the server. `gymnb.core.http.error_response(...)` builds such a response directly.
+- Input. `await gymnb.core.http.read_json(request)`: the body as a dict (400 if not JSON, nested deeper than
   MAX_JSON_DEPTH or holding lone surrogates, 408 if it stalls, 422 if not an object);
   `require_fields(body, {"question": str, ...})` raises 422 naming the first missing or mistyped field.
 - Rows. `check_row(body)` checks a dataset row's `responses_create_params` as NeMo Gym does (an object with
   `input`; unknown keys rejected): 422 naming the field. `check_verify_body(body)` also checks `response`.
 - Metrics. `compute_aggregate_metrics(verify_responses, score_fn=..., answer_key=...)` answers
   `POST /aggregate_metrics` in NeMo Gym's shape (group_level_metrics, agent_metrics, key_metrics).
-- Running. `ServerLoop` owns one background thread with an asyncio loop; `loop.start_app(app, host, port)`
-  serves an app there (port 0 = a free port) and returns its URL; `loop.stop()` shuts all of them down.
+- Running. `gymnb.core.http.ServerLoop` owns one background thread with an asyncio loop;
+  `loop.start_app(app, host, port)` serves an app there (port 0 = a free port) and returns its URL;
+  `loop.stop()` shuts all of them down.
 
 Clients: aiohttp's default cookie jar ignores cookies from IP hosts such as 127.0.0.1, so carry the cookies
 yourself (`cookies=resp.cookies`, as the simple agent does) or use `aiohttp.CookieJar(unsafe=True)`.
@@ -32,18 +33,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
-import threading
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp import web
 
-from gymnb.errors import EnvironmentServerError, RequestError
-from gymnb.http_json import error_response
+from gymnb.core.errors import RequestError
+from gymnb.core.http import error_response
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +135,6 @@ class SessionStore:
         return len(self._states)
 
 
-# aiohttp keeps an idle connection, or one whose client stalls before finishing its headers, for an hour by
-# default: a few hundred stalled clients would hold as many sockets. Clients pool connections for less (aiohttp
-# 15 s, httpx 5 s), so closing after 30 idle seconds costs them nothing.
-KEEPALIVE_TIMEOUT = 30.0
-
-
 def require_fields(body: dict, fields: dict[str, type | tuple[type, ...]], *, prefix: str = "") -> None:
     """Raise 422 naming the first field of `fields` that `body` lacks or holds with the wrong JSON type."""
     for name, types in fields.items():
@@ -217,96 +209,3 @@ def check_output_item(item: Any, path: str) -> None:
         if item["type"] == "function_call" and not isinstance(item.get(name), str):
             raise RequestError(f"{path}.{name} of a function_call must be a string", param=f"{path}.{name}",
                                code="invalid_type", status=422)
-
-
-class OpenAIErrorHandler(web_protocol.RequestHandler):
-    """aiohttp answers a request it cannot parse (a header past 8 KiB, a broken request line) itself, before
-    any app code runs, in plain text; this gives those answers the OpenAI error shape every other error has."""
-
-    __slots__ = ()  # the same layout as RequestHandler, so an instance of it can take this class
-
-    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        plain = super().handle_error(request, status, exc, message)  # logs, checks nothing was sent yet
-        if isinstance(exc, LineTooLong):
-            response = error_response(f"a request line or header is longer than the server accepts (8190 bytes): "
-                                  f"{exc.message}", status=status, code="header_too_large")
-        else:
-            response = error_response(f"{plain.reason}: {message or exc or 'the request could not be parsed'}",
-                                  status=status)
-        response.force_close()
-        return response
-
-
-class OpenAIErrorSite(web.SockSite):
-    """A SockSite whose connections answer unparsable requests with OpenAI-style bodies (OpenAIErrorHandler)."""
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-
-        def protocol() -> web_protocol.RequestHandler:
-            handler = server()
-            handler.__class__ = OpenAIErrorHandler
-            return handler
-
-        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock,
-                                                                      backlog=self._backlog)
-
-
-class ServerLoop:
-    """One background thread running an asyncio loop that serves any number of aiohttp apps on loopback."""
-
-    def __init__(self, name: str = "gymnb-gym"):
-        self.loop = asyncio.new_event_loop()
-        self._runners: list[web.AppRunner] = []
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float | None = None):
-        """Run a coroutine on the background loop from another thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start_app(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve `app` on host:port (0 = a free port) and return `http://host:port`."""
-        return self.run(self._start_app(app, host, port))
-
-    async def _start_app(self, app: web.Application, host: str, port: int) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise EnvironmentServerError(f"cannot listen on {host}:{port}: {exc}; choose another port "
-                                         "(or 0 for a free one)") from None
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_TIMEOUT)
-        await runner.setup()
-        await OpenAIErrorSite(runner, sock, shutdown_timeout=1.0).start()
-        self._runners.append(runner)
-        return f"http://{host}:{sock.getsockname()[1]}"
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-
-        async def _cleanup():
-            for runner in reversed(self._runners):
-                await runner.cleanup()
-            self._runners.clear()
-            # what is still pending (a scheduler, a request cut short by Ctrl-C) is cancelled and awaited: a
-            # closed loop that still holds pending tasks makes asyncio print "Task was destroyed but it is
-            # pending!" with a stack dump for each one at exit
-            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-
-        try:
-            self.run(_cleanup(), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=30)
-            if not self._thread.is_alive():
-                self.loop.close()

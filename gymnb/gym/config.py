@@ -27,8 +27,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gymnb.config import CONFIGS_DIR, parse_overrides
-from gymnb.errors import ConfigError
+from gymnb.core.config import CONFIGS_DIR, parse_overrides
+from gymnb.core.errors import ConfigError
 
 ENVS_DIR = CONFIGS_DIR / "envs"
 POLICY_CONFIG = "policy_model"

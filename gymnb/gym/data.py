@@ -23,9 +23,9 @@ import random
 from fractions import Fraction
 from pathlib import Path
 
-from gymnb.errors import ConfigError, RequestError
+from gymnb.core.errors import ConfigError, RequestError
+from gymnb.core.jsonl import read_jsonl
 from gymnb.gym.common import check_row
-from gymnb.jsonl import read_jsonl
 
 DAPO_PROMPT = ("Solve the following math problem step by step. The last line of your response should be of the "
                "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
@@ -219,3 +219,22 @@ def fetch_public_set(name: str) -> Path:
     except Exception as exc:  # noqa: BLE001  no network, no hub access, no huggingface_hub: all mean "use a local file"
         raise ConfigError(f"could not download {repo_id}/{filename} ({type(exc).__name__}: {exc}); download it "
                           "elsewhere and pass its local path") from None
+
+
+def read_rows(env: str, path: str | None, split: str, limit: int | None = None) -> list[dict]:
+    """Rows for `env` from, in order of preference: a local file (`path`: NeMo Gym rows JSONL, or for math
+    also DAPO-Math-17k / AIME 2024 records in JSONL or Parquet), a public set by name (`split` =
+    `dapo-math-17k` | `aime-2024`, downloaded through the hub), or the embedded split. Rows without an
+    `agent_ref` go to the environment's simple agent."""
+    if path is None and split in PUBLIC_SETS:
+        path = str(fetch_public_set(split))
+    if path is None:
+        return load_rows(env, split, limit=limit)
+    if not Path(path).exists():
+        raise ConfigError(f"rows file {path} does not exist (a training config's env.train_path / env.validation_path)")
+    if env == "math_with_judge":  # NeMo Gym rows pass through unchanged; DAPO/AIME records are converted
+        rows = load_dapo_math_17k(path, limit)
+    else:
+        rows = load_nemo_gym_jsonl(path, limit=limit)
+    agent = {"type": "responses_api_agents", "name": ENV_AGENTS[env]}
+    return [row if "agent_ref" in row else {**row, "agent_ref": dict(agent)} for row in rows]

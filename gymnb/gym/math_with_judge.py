@@ -28,10 +28,10 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from gymnb.errors import ConfigError, RequestError
+from gymnb.core.errors import ConfigError, RequestError
+from gymnb.core.http import read_json
 from gymnb.gym.common import check_row, check_verify_body, make_server_app, require_fields
 from gymnb.gym.metrics import compute_aggregate_metrics
-from gymnb.http_json import read_json
 
 VERIFIER_KEY = web.AppKey("gymnb_math_verifier", object)
 

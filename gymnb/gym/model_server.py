@@ -1,6 +1,6 @@
 """Model server (NeMo Gym's `vllm_model`): the Responses API in front of any OpenAI-compatible chat endpoint.
 
-    POST /v1/responses          Responses create params -> Response (conversion in gymnb.gym.responses_convert)
+    POST /v1/responses          Responses create params -> Response (conversion in gymnb.core.responses)
     POST /v1/chat/completions   chat body -> the policy endpoint's chat completion (model name and n=1 set here)
     GET  /                      {"status": "ok"}
 
@@ -10,8 +10,8 @@ Config (configs/envs/policy_model.yaml): `base_url` (one URL ending in /v1, or a
 Several base URLs: each session (the model server's session cookie, which the agent carries across the steps of
 one rollout) sticks to one endpoint, chosen by a hash of the session id, so a multi-turn rollout's prefix stays
 in one engine's cache. Token ids, as real NeMo Gym's vllm_model does it: with `return_token_id_information`
-every chat request asks for vLLM's per-token ids (gymnb.wire.VLLM_MODEL_TOKEN_REQUEST), and the ids are read in
-gymnb.wire's priority: a complete bundle on the message (gymnb serve, NeMo RL), else vLLM's `return_token_ids`
+every chat request asks for vLLM's per-token ids (gymnb.core.wire.VLLM_MODEL_TOKEN_REQUEST), and the ids are read in
+gymnb.core.wire's priority: a complete bundle on the message (gymnb serve, NeMo RL), else vLLM's `return_token_ids`
 fields, else the `token_id:<N>` logprobs plus `POST /tokenize` for the prompt. A server that answers with
 none of them gives a 502 naming what is missing (real vllm_model raises there too).
 
@@ -29,11 +29,11 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gymnb.errors import ConfigError, RequestError
+from gymnb.core.errors import ConfigError, RequestError
+from gymnb.core.http import read_json
+from gymnb.core.responses import chat_to_response, responses_to_chat
+from gymnb.core.wire import SOURCE_LOGPROBS, WireError, read_token_ids, tokenize_body
 from gymnb.gym.common import check_responses_create_params, make_server_app, session_id
-from gymnb.gym.responses_convert import chat_to_response, responses_to_chat
-from gymnb.http_json import read_json
-from gymnb.wire import SOURCE_LOGPROBS, WireError, read_token_ids, tokenize_body
 
 CLIENT_KEY = web.AppKey("gymnb_model_client", aiohttp.ClientSession)
 CONTEXT_ERROR_MARKERS = ("context_length_exceeded", "context length", "maximum context", "max_tokens")

@@ -30,9 +30,9 @@ import re
 import aiohttp
 from aiohttp import web
 
-from gymnb.errors import ConfigError, RequestError
+from gymnb.core.errors import ConfigError, RequestError
+from gymnb.core.http import read_json
 from gymnb.gym.common import check_responses_create_params, check_row, make_server_app
-from gymnb.http_json import read_json
 
 HTTP_KEY = web.AppKey("gymnb_agent_http", aiohttp.ClientSession)
 MAX_STEPS_CAP = 100

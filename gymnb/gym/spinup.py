@@ -32,10 +32,10 @@ from typing import Self
 
 import aiohttp
 
-from gymnb.config import API_KEY_ENV, read_api_key
-from gymnb.errors import ConfigError, EnvironmentServerError
+from gymnb.core.config import API_KEY_ENV, read_api_key
+from gymnb.core.errors import ConfigError, EnvironmentServerError
+from gymnb.core.http import ServerLoop
 from gymnb.gym import head
-from gymnb.gym.common import ServerLoop
 from gymnb.gym.config import DEFAULT_HEAD_PORT, SERVER_TYPES, iter_instances, list_envs, load_gym_config
 
 # (server type, implementation) -> module whose make_app(config: dict) builds the server. Imported on use, so an

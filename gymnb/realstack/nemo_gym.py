@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Self
 
-from gymnb.checks.http import request_json
-from gymnb.errors import ConfigError, EnvironmentServerError
+from gymnb.core.client import request_json
+from gymnb.core.errors import ConfigError, EnvironmentServerError
+from gymnb.core.wire import parse_head_config
 from gymnb.realstack.process import (
     Managed,
     Subprocess,
@@ -34,7 +35,6 @@ from gymnb.realstack.process import (
     realstack_dir,
     wait_for_http,
 )
-from gymnb.wire import parse_head_config
 
 NEMO_GYM_VERSIONS = ("0.2.0", "0.4.0")
 ENV_CONFIGS = {"math_with_judge": "resources_servers/math_with_judge/configs/math_with_judge.yaml",

@@ -10,8 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gymnb.errors import ConfigError, ServerError
-from gymnb.models import cache_dir
+from gymnb.core.errors import ConfigError, ServerError
+from gymnb.core.models import cache_dir
 
 INSTALL_HINT = "install it with `make real-stack` (scripts/realstack/install_nemo_gym.sh, install_vllm.sh)"
 

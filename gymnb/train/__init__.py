@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from gymnb.config import load_config
-    from gymnb.errors import ConfigError
+    from gymnb.core.config import load_config
+    from gymnb.core.errors import ConfigError
     from gymnb.train.config import GRPOConfig, resolve_config_path
     from gymnb.train.grpo import train
 

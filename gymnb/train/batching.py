@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gymnb.continuity import process_rollout_for_training
-from gymnb.errors import ContinuityError
+from gymnb.core.errors import ContinuityError
+from gymnb.tokens.continuity import process_rollout_for_training
 
 
 @dataclass
@@ -59,22 +59,8 @@ class TrainBatch:
         return sum(s.num_generated for s in self.sequences)
 
 
-def model_calls(rollout: dict) -> list[dict]:
-    """The token fields of each model call, in order: they sit on the LAST output item of each call."""
-    output = (rollout.get("response") or {}).get("output") or []
-    calls = []
-    for item in output:
-        if isinstance(item, dict) and item.get("generation_token_ids") is not None:
-            calls.append({
-                "prompt_token_ids": list(item.get("prompt_token_ids") or []),
-                "generation_token_ids": list(item["generation_token_ids"]),
-                "generation_log_probs": list(item.get("generation_log_probs") or []),
-            })
-    return calls
-
-
 def sequence_from_message_log(processed: dict, reward: float, group_id: int) -> Sequence:
-    """Adapt `gymnb.continuity.process_rollout_for_training` output (a message log) to a Sequence."""
+    """Adapt `gymnb.tokens.continuity.process_rollout_for_training` output (a message log) to a Sequence."""
     token_ids: list[int] = []
     trainable: list[bool] = []
     logprobs: list[float] = []

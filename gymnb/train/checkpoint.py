@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gymnb.errors import TrainingError
+from gymnb.core.errors import TrainingError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

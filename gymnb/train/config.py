@@ -144,7 +144,7 @@ class GRPOConfig:
 def resolve_config_path(config: str | Path) -> Path:
     """A train config given as a path, or as a name in configs/train with or without `.yaml`
     (`grpo_math_cpu`, `grpo_math_cpu.yaml`, `configs/train/grpo_math_cpu.yaml`)."""
-    from gymnb.config import CONFIGS_DIR
+    from gymnb.core.config import CONFIGS_DIR
 
     path = Path(config)
     if path.is_file():

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gymnb.config import REPO_ROOT, save_resolved_config
-from gymnb.errors import TrainingError
+from gymnb.core.config import REPO_ROOT, save_resolved_config
+from gymnb.core.errors import TrainingError
+from gymnb.gym.data import read_rows
 from gymnb.train import checkpoint as ckpt
 from gymnb.train.batching import build_train_batch
 from gymnb.train.config import GRPOConfig
@@ -38,7 +39,7 @@ __all__ = ["GRPOConfig", "TrainResult", "resolve_run_dir", "train"]
 class TrainState:
     """Everything the loop mutates: the policy, its optimizer and schedule, the frozen reference, the step."""
 
-    loaded: object  # gymnb.models.LoadedModel (trainer copy)
+    loaded: object  # gymnb.core.models.LoadedModel (trainer copy)
     optimizer: torch.optim.Optimizer
     scheduler: object
     reference: torch.nn.Module | None
@@ -67,7 +68,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_policy(cfg: GRPOConfig) -> TrainState:
-    from gymnb.models import load_model
+    from gymnb.core.models import load_model
 
     loaded = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
                         threads=cfg.model.threads, chat_template=cfg.model.chat_template)
@@ -128,31 +129,10 @@ def load_data(cfg: GRPOConfig) -> tuple[list[dict], list[dict]]:
     return train_rows, val_rows
 
 
-def read_rows(env: str, path: str | None, split: str, limit: int | None = None) -> list[dict]:
-    """Rows for `env` from, in order of preference: a local file (`path`: NeMo Gym rows JSONL, or for math
-    also DAPO-Math-17k / AIME 2024 records in JSONL or Parquet), a public set by name (`split` =
-    `dapo-math-17k` | `aime-2024`, downloaded through the hub), or the embedded split. Rows without an
-    `agent_ref` go to the environment's simple agent."""
-    from gymnb.gym import data
-
-    if path is None and split in data.PUBLIC_SETS:
-        path = str(data.fetch_public_set(split))
-    if path is None:
-        return data.load_rows(env, split, limit=limit)
-    if not Path(path).exists():
-        raise TrainingError(f"rows file {path} does not exist (env.train_path / env.validation_path)")
-    if env == "math_with_judge":  # NeMo Gym rows pass through unchanged; DAPO/AIME records are converted
-        rows = data.load_dapo_math_17k(path, limit)
-    else:
-        rows = data.load_nemo_gym_jsonl(path, limit=limit)
-    agent = {"type": "responses_api_agents", "name": data.ENV_AGENTS[env]}
-    return [row if "agent_ref" in row else {**row, "agent_ref": dict(agent)} for row in rows]
-
-
 def start_stack(cfg: GRPOConfig, state: TrainState, stack: ExitStack):
     """The policy server (own copy of the weights) and the environment servers, on free loopback ports."""
     from gymnb.gym import start_gym
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     engine_opts = {}
     if cfg.generation.max_batch_size:
@@ -171,7 +151,7 @@ def start_stack(cfg: GRPOConfig, state: TrainState, stack: ExitStack):
 def collect(rows: list[dict], gym, *, num_repeats: int, temperature: float, top_p: float, max_new_tokens: int,
             concurrency: int, seed: int, out_path: Path | None = None, progress: bool = False):
     """Rollouts through the environment's agents; each rollout samples with its own seed (seed + index)."""
-    from gymnb.rollouts import collect_rollouts_sync
+    from gymnb.rollouts.collect import collect_rollouts_sync
 
     overrides = {"temperature": temperature, "top_p": top_p, "max_output_tokens": max_new_tokens}
     return collect_rollouts_sync(rows, head_url=gym.head_url, num_repeats=num_repeats, concurrency=concurrency,

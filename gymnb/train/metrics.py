@@ -1,7 +1,7 @@
 """Training stage, metrics: the per-step JSONL log and the rollout statistics that feed it.
 
 `metrics.jsonl` holds one JSON object per step (`step` plus `train/*`, `validation/*`, `timing/*` keys); the
-benchmark notebooks read the same shape from any trainer (gymnb.benchmarks.load_metrics), so a NeMo RL run
+benchmark notebooks read the same shape from any trainer (gymnb.validation.benchmarks.load_metrics), so a NeMo RL run
 exported to this shape is scored the same way.
 """
 
@@ -11,8 +11,9 @@ import json
 import math
 from pathlib import Path
 
-from gymnb.jsonl import read_jsonl
-from gymnb.train.batching import model_calls
+from gymnb.core.errors import ContinuityError
+from gymnb.core.jsonl import read_jsonl
+from gymnb.tokens.continuity import extract_trainable_turns
 
 
 class MetricsLog:
@@ -34,6 +35,15 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         return read_jsonl(self.path, what="one step's metrics per line")
+
+
+def model_calls(rollout: dict) -> list[dict]:
+    """The token fields of each model call; none for a rollout whose fields are malformed (the batch builder
+    names that problem, the statistics only count)."""
+    try:
+        return extract_trainable_turns(rollout)
+    except ContinuityError:
+        return []
 
 
 def generated_tokens(rollout: dict) -> int:

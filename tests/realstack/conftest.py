@@ -50,7 +50,7 @@ def policy_dir() -> Path:
 @pytest.fixture(scope="session")
 def policy(policy_dir, policy_port):
     """gymnb serve (the reference policy server) behind the good-server stacks."""
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     with PolicyServer.start(str(policy_dir), model_id="tiny", port=policy_port, threads=1) as server:
         yield server

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gymnb.models import cache_dir
+from gymnb.core.models import cache_dir
 from gymnb.realstack import example_rows
 
 NUM_ROWS = 2
@@ -39,6 +39,6 @@ def write_rows(rows: list[dict], path: Path) -> Path:
 def vllm_tiny_model() -> Path:
     """A random tiny model vLLM can serve: its CPU attention has no kernel for head size 16, the size of
     gymnb's default tiny models (the tier checks the wire, not answers, so a random model serves)."""
-    from gymnb.models import make_tiny_model
+    from gymnb.core.models import make_tiny_model
 
     return make_tiny_model(cache_dir() / "tiny" / "llama-2x64h2-seed0", num_heads=2)

@@ -17,10 +17,10 @@ import pytest
 from conftest import run_validate, statuses
 from nemo_gym_rows import NUM_WORKPLACE_ROWS, read_rows, vllm_tiny_model, workplace_rows, write_rows
 
-from gymnb.continuity import check_continuity, process_rollout_for_training
-from gymnb.models import load_model
+from gymnb.core.models import load_model
 from gymnb.realstack import NemoGymStack, VLLMServer, collect_rollouts_with_nemo_gym
 from gymnb.realstack.process import free_port
+from gymnb.tokens.continuity import check_continuity, process_rollout_for_training
 
 PASS_ALL = {"http_endpoint": "pass", "token_roundtrip": "pass", "rollout_collection": "pass",
             "token_continuity": "pass", "gradient_flow": "pass"}
@@ -53,7 +53,7 @@ def test_gymnb_serve_passes_every_layer_behind_real_nemo_gym(stack, env, policy,
 def trainer_error(rollouts: list[dict], model) -> float:
     """token_mult_prob_error of the rollouts' own ids and log-probs, recomputed by a trainer: an independent
     check that the ids NeMo Gym recorded are the ones the server sampled (a mangled id scores differently)."""
-    from gymnb.checks.gradients import recompute_logprobs, rollout_temperature
+    from gymnb.validation.checks.gradients import recompute_logprobs, rollout_temperature
 
     diffs = []
     for rollout in rollouts:
@@ -94,7 +94,7 @@ def test_gymnb_twin_gives_the_real_servers_rewards_shapes_and_ids(stack040, poli
     NeMo Gym's own workplace CSV data): the same rewards, output item types and token ids, item for item."""
     from gymnb.gym import start_gym
     from gymnb.realstack.nemo_gym import site_packages
-    from gymnb.rollouts import collect_rollouts_sync
+    from gymnb.rollouts.collect import collect_rollouts_sync
 
     data_dir = site_packages("0.4.0") / "resources_servers" / "workplace_assistant" / "csv_data"
     overrides = [f"workplace_assistant.resources_servers.workplace_assistant.data_dir={data_dir}"]
@@ -121,7 +121,7 @@ def validate_behind(version: str, policy_base_url: str, model_id: str, policy_di
 
 @pytest.mark.parametrize("fault", ["no-splice", "token-text", "no-token-fields"])
 def test_faulty_servers_get_the_verdict_they_deserve(fault, policy_dir, rows_files, tmp_path):
-    from gymnb.server import PolicyServer
+    from gymnb.policy.server import PolicyServer
 
     with PolicyServer.start(str(policy_dir), model_id="tiny", port=free_port(), threads=1,
                             fault=fault) as server:

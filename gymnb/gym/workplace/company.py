@@ -11,9 +11,11 @@ are exactly the customers those rows name. Everything else is drawn from `random
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
+from pathlib import Path
 
-from gymnb.gym.workplace.state import NOW, CompanyState, Row
+from gymnb.gym.workplace.state import NOW, CompanyState, Row, load_state
 from gymnb.gym.workplace.tools_records import CUSTOMER_STATUSES, PRODUCTS, TASK_BOARDS, TASK_LISTS
 
 DOMAIN = "atlas.com"  # NeMo Gym's tasks name people at this domain (e.g. raj.patel@atlas.com)
@@ -223,3 +225,15 @@ def generate_company(seed: int = 0) -> CompanyState:
     return CompanyState(emails=generate_emails(rng), calendar_events=generate_calendar(rng),
                         analytics=generate_analytics(rng), customers=generate_customers(rng),
                         tasks=generate_tasks(rng), directory=EMPLOYEES)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(data_dir: str | None) -> CompanyState:
+    if data_dir is None:
+        return generate_company()
+    return load_state(data_dir)
+
+
+def base_state(data_dir: str | Path | None = None) -> CompanyState:
+    """The pristine company (synthetic when `data_dir` is None); callers `.copy()` it before mutating."""
+    return _load_cached(None if data_dir is None else str(Path(data_dir).expanduser().resolve()))

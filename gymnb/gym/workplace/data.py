@@ -18,8 +18,9 @@ import functools
 import json
 import random
 
+from gymnb.gym.workplace.company import base_state
 from gymnb.gym.workplace.schemas import tool_schemas
-from gymnb.gym.workplace.state import NOW, CompanyState, base_state
+from gymnb.gym.workplace.state import NOW, CompanyState
 from gymnb.gym.workplace.tasks import TEMPLATES, Calls
 from gymnb.gym.workplace.tools import call_tool
 

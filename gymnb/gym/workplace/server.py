@@ -30,7 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gymnb.errors import RequestError
+from gymnb.core.errors import RequestError
+from gymnb.core.http import read_json
 from gymnb.gym.common import (
     SessionStore,
     check_row,
@@ -39,11 +40,11 @@ from gymnb.gym.common import (
     require_fields,
 )
 from gymnb.gym.metrics import compute_aggregate_metrics
+from gymnb.gym.workplace.company import base_state
 from gymnb.gym.workplace.schemas import TOOL_NAMES, TOOL_SPECS
-from gymnb.gym.workplace.state import CompanyState, base_state
+from gymnb.gym.workplace.state import CompanyState
 from gymnb.gym.workplace.tools import ToolError, call_tool
 from gymnb.gym.workplace.verify import compute_reward, extract_function_calls
-from gymnb.http_json import read_json
 
 log = logging.getLogger(__name__)
 

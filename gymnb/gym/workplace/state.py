@@ -12,10 +12,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
-import functools
 from pathlib import Path
 
-from gymnb.errors import ConfigError
+from gymnb.core.errors import ConfigError
 
 NOW = "2023-11-30 23:59:00"  # the simulated "now": every task and the system prompt assume it
 NOW_DATE = NOW[:10]
@@ -177,17 +176,3 @@ def write_state(state: CompanyState, out_dir: str | Path) -> Path:
                 writer.writerow(["" if row[c] is None else str(row[c]) for c in columns])
     (out_dir / DIRECTORY_FILE).write_text("".join(f"{address}\n" for address in state.directory), encoding="utf-8")
     return out_dir
-
-
-@functools.lru_cache(maxsize=8)
-def _load_cached(data_dir: str | None) -> CompanyState:
-    if data_dir is None:
-        from gymnb.gym.workplace.company import generate_company
-
-        return generate_company()
-    return load_state(data_dir)
-
-
-def base_state(data_dir: str | Path | None = None) -> CompanyState:
-    """The pristine company (synthetic when `data_dir` is None); callers `.copy()` it before mutating."""
-    return _load_cached(None if data_dir is None else str(Path(data_dir).expanduser().resolve()))
