@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import threading
+import traceback
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import LineTooLong
 
 from gymnb.core.errors import EnvironmentServerError, RequestError
+
+log = logging.getLogger(__name__)
 
 # OpenAI's error types; a 404 is an invalid request there too (an unknown model or route).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -32,6 +36,29 @@ def error_response(message: str, *, status: int = 400, param: str | None = None,
     error_type = type_ or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return web.json_response(body, status=status)
+
+
+SERVER_NAME_KEY = web.AppKey("gymnb_server_name", str)  # the name a 404 gives, to tell servers apart
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every failure of a handler as an OpenAI-style body with its status: a client's fault, an unknown route
+    or a bug answers, and the server keeps serving."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
+    except web.HTTPException as exc:  # unknown route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 404:
+            message = f"no route {request.method} {request.path} on server {request.app.get(SERVER_NAME_KEY, '?')!r}"
+        return error_response(message, status=exc.status)
+    except Exception as exc:  # noqa: BLE001  a bug or an upstream failure: log it, answer 500, keep serving
+        log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
+        return error_response(f"internal server error: {type(exc).__name__}: {exc}", status=500)
 
 
 BODY_READ_TIMEOUT = 120.0  # seconds for a body to arrive: a stalled client does not hold a handler forever

@@ -30,10 +30,8 @@ yourself (`cookies=resp.cookies`, as the simple agent does) or use `aiohttp.Cook
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,12 +39,11 @@ from typing import Any
 from aiohttp import web
 
 from gymnb.core.errors import RequestError
-from gymnb.core.http import error_response
+from gymnb.core.http import SERVER_NAME_KEY, error_middleware
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE_PREFIX = "gymnb_session___"
-SERVER_NAME_KEY = web.AppKey("gymnb_server_name", str)
 # aiohttp >= 3.13 wants typed request keys; older versions take a plain string.
 _SESSION_KEY = web.RequestKey("gymnb_session_id", str) if hasattr(web, "RequestKey") else "gymnb_session_id"
 
@@ -68,26 +65,6 @@ async def session_middleware(request: web.Request, handler: Callable[[web.Reques
     # Set on every response, as NeMo Gym does, so a client that only keeps the latest cookies stays in session.
     response.set_cookie(name, request[_SESSION_KEY], httponly=True, samesite="Lax")
     return response
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = f"{request.method} {request.path}: {exc.reason}"
-        if exc.status == 404:
-            message = f"no route {request.method} {request.path} on server {request.app[SERVER_NAME_KEY]!r}"
-        return error_response(message, status=exc.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001  a bug or an upstream failure: answer, log, keep serving
-        log.error("%s %s failed:\n%s", request.method, request.path, traceback.format_exc())
-        return error_response(f"{type(exc).__name__}: {exc}", status=500)
 
 
 async def handle_status(request: web.Request) -> web.Response:

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from gymnb.core.config import API_KEY_ENV, read_api_key
 from gymnb.core.errors import EnvironmentServerError, RequestError, ServerError
-from gymnb.core.http import ServerLoop, error_response, read_json
+from gymnb.core.http import SERVER_NAME_KEY, ServerLoop, error_middleware, error_response, read_json
 from gymnb.core.models import LoadedModel, list_presets, load_model
 from gymnb.core.wire import TOKEN_FIELDS
 from gymnb.policy.chat import (
@@ -74,19 +74,6 @@ API_KEY_KEY = web.AppKey("api_key", object)  # str | None
 # /health or other requests), and on one thread because a fast tokenizer is not thread-safe.
 TOKENIZE_EXECUTOR_KEY = web.AppKey("tokenize_executor", ThreadPoolExecutor)
 MAX_PROMPT_CHARS_KEY = web.AppKey("max_prompt_chars", int)
-
-
-@web.middleware
-async def handle_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return error_response(str(exc), status=exc.status, param=exc.param, code=exc.code)
-    except web.HTTPException as exc:  # unknown route, wrong method, body too large
-        return error_response(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
-    except Exception as exc:  # a gymnb bug: log it, answer 500, keep serving
-        log.exception("internal error on %s", request.path)
-        return error_response(f"internal server error: {type(exc).__name__}: {exc}", status=500)
 
 
 def has_api_key(request: web.Request, api_key: str | None) -> bool:
@@ -219,8 +206,9 @@ def make_app(engine: GenerationEngine, model_id: str, api_key: str | None = None
     `splice=False` is the same as fault="no-splice"."""
     if fault is not None and fault not in FAULTS:
         raise ServerError(f"unknown fault {fault!r}; choose from {list(FAULTS)}")
-    middlewares = [handle_errors, require_api_key(api_key)]
+    middlewares = [error_middleware, require_api_key(api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[SERVER_NAME_KEY] = "policy"
     app[ENGINE_KEY] = engine
     app[MODEL_ID_KEY] = model_id
     app[SPLICE_KEY] = splice and fault != "no-splice"
