@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from gymnb.core.errors import RequestError, ServerError
 from gymnb.policy.cpu_threads import ThreadBudget
+from gymnb.policy.packed_linear import pack_linears
 from gymnb.policy.prefix_cache import CacheEntry, PrefixCache
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,20 @@ class GenerationEngine:
 
     def __init__(self, loaded, *, max_batch_size: int = 16, max_batch_tokens: int = 65536,
                  max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30,
-                 adapt_threads: bool = True):
+                 adapt_threads: bool = True, pack_weights: bool = True):
         """`max_batch_tokens` bounds the KV cache (rows x padded length); `max_prefill_tokens` bounds one
         prefill (newcomers x padded uncached prompt length). Both admit at least one row, so any prompt that
         fits the context runs. `prefix_cache_bytes` is the budget for KV kept from finished rows (0 = off).
         `adapt_threads`: the worker's torch team shrinks to the cores other processes leave free and grows
         back, up to the thread count at construction (gymnb.policy.cpu_threads: why a fixed team collapses).
+        `pack_weights`: a bf16 model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
+        same outputs, faster decode); no effect in float32.
         """
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
         self.model = loaded.model
+        self.pack_weights = pack_weights
+        self.num_packed = pack_linears(self.model) if pack_weights else 0
         # Fast tokenizers are not thread-safe: an encode on one thread can fail ("Already borrowed") against a
         # decode on another. The server's event loop (`tokenizer`), the worker and the caller (who may keep
         # using `loaded.tokenizer`, e.g. a trainer) therefore each use their own copy.
@@ -179,6 +184,8 @@ class GenerationEngine:
             try:
                 with self._model_lock, torch.no_grad():
                     self.model.load_state_dict(state_dict)
+                    if self.pack_weights:
+                        pack_linears(self.model)
                     self.prefix_cache.clear()  # KV computed with the old weights is off-policy now
             finally:
                 with self._cond:
