@@ -17,6 +17,9 @@ from gymnb.models import load_model, load_tokenizer, make_tiny_model
 from gymnb.train.config import GRPOConfig
 from gymnb.train.warm_start import FINAL_TEXT, build_trajectories, fine_tune, run_warm_start
 
+# A ChatML template without tools, like SmolLM2's own.
+PLAIN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
 
 
@@ -75,26 +78,30 @@ def test_fine_tuning_lowers_the_loss_on_a_tiny_dataset(tiny_model_dir):
     assert all(r["loss"] < records[0]["loss"] for r in records[1:])
 
 
-def test_micro_batching_does_not_change_the_step(tiny_model_dir):
-    rows, solutions = sample(2)
+def test_micro_batching_does_not_change_the_gradient(tiny_model_dir):
+    from gymnb.train.batching import Sequence, TrainBatch, iter_micro_batches
+    from gymnb.train.warm_start import sft_loss
+
+    loaded = load_model(str(tiny_model_dir), threads=1)
+    rows, solutions = sample(3)
+    trajectories = build_trajectories(loaded.tokenizer, rows, solutions)  # different lengths: padding matters
+    batch = TrainBatch([Sequence(t.token_ids, t.loss_mask, [0.0] * len(t.token_ids), 0.0, i)
+                        for i, t in enumerate(trajectories)], torch.zeros(3))
     grads = []
-    for micro in (1, 2):
-        loaded = load_model(str(tiny_model_dir), threads=1)
-        for p in loaded.model.parameters():
-            p.requires_grad_(True)
-        trajectories = build_trajectories(loaded.tokenizer, rows, solutions)
-        before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-        fine_tune(loaded.model, trajectories, lr=1e-3, epochs=1, batch_size=2, micro_batch_size=micro,
-                  pad_token_id=loaded.tokenizer.pad_token_id, progress=False)
-        grads.append({n: p.detach() - before[n] for n, p in loaded.model.named_parameters()})
-    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
-    assert all(bool(g.abs().sum() > 0) for g in grads[0].values())  # every parameter trained
+    for micro in (1, 3):
+        loaded.model.zero_grad()
+        for micro_batch in iter_micro_batches(batch, micro, loaded.tokenizer.pad_token_id):
+            sft_loss(loaded.model, micro_batch, batch.num_trainable_tokens).backward()
+        grads.append({n: p.grad.clone() for n, p in loaded.model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
+    assert all(bool(g.abs().sum() > 0) for g in grads[0].values())  # every parameter gets a gradient
 
 
 def test_written_directory_reloads_with_a_template_that_renders_tools(tmp_path):
     # A base whose own tokenizer template has no tools (as the cached SmolLM2 directory): the run's
     # model.chat_template is what the warm-start directory must carry.
-    base = make_tiny_model(tmp_path / "base", chat_template=None)
+    base = make_tiny_model(tmp_path / "base")
+    (base / "chat_template.jinja").write_text(PLAIN_TEMPLATE)
     probe = [{"type": "function", "function": {"name": "probe_tool_name", "description": "", "parameters": {}}}]
     hi = [{"role": "user", "content": "hi"}]
     assert "probe_tool_name" not in load_tokenizer(str(base)).apply_chat_template(hi, tools=probe, tokenize=False)
@@ -118,3 +125,19 @@ def test_warm_start_settings_are_checked_at_load_time():
         load_config(GRPOConfig, None, ["env.name=workplace_assistant", "env.tools=some"])
     with pytest.raises(Exception, match="env.tools applies to workplace_assistant only"):
         load_config(GRPOConfig, None, ["env.name=math_with_judge", "env.tools=category"])
+
+
+def test_training_config_compacts_train_and_validation_rows():
+    from gymnb.train.grpo import load_data
+
+    cfg = load_config(GRPOConfig, None, ["env.name=workplace_assistant", "env.tools=reference",
+                                         "env.num_distractor_tools=2", "env.train_limit=5", "env.validation_limit=5"])
+    train_rows, val_rows = load_data(cfg)
+    solutions = reference_solutions("train", 5)
+    for rows in (train_rows, val_rows):
+        assert len(rows) == 5 and all(r["tools_subset"]["mode"] == "reference" for r in rows)
+    for row, solution in zip(train_rows, solutions):
+        names = {t["name"] for t in row["responses_create_params"]["tools"]}
+        assert len(names) == len({c["name"] for turn in solution for c in turn}) + 2
+    plain, _ = load_data(load_config(GRPOConfig, None, ["env.name=workplace_assistant", "env.train_limit=1"]))
+    assert "tools_subset" not in plain[0] and len(plain[0]["responses_create_params"]["tools"]) == 27
