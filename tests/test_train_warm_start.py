@@ -141,3 +141,15 @@ def test_training_config_compacts_train_and_validation_rows():
         assert len(names) == len({c["name"] for turn in solution for c in turn}) + 2
     plain, _ = load_data(load_config(GRPOConfig, None, ["env.name=workplace_assistant", "env.train_limit=1"]))
     assert "tools_subset" not in plain[0] and len(plain[0]["responses_create_params"]["tools"]) == 27
+
+
+def test_a_workplace_run_on_a_directory_without_a_tool_template_fails_with_the_remedy(tmp_path):
+    from gymnb.errors import TrainingError
+    from gymnb.train.grpo import train
+
+    base = make_tiny_model(tmp_path / "base")
+    (base / "chat_template.jinja").write_text(PLAIN_TEMPLATE)
+    cfg = load_config(GRPOConfig, None, [f"model.name={base}", "env.name=workplace_assistant", "grpo.max_steps=0",
+                                         f"output_dir={tmp_path}", "env.validation_limit=1"])
+    with pytest.raises(TrainingError, match="set model.chat_template"):
+        train(cfg, progress=False)

@@ -280,6 +280,10 @@ def train(cfg: GRPOConfig, *, progress: bool = True) -> TrainResult:
         policy_name = str(run_warm_start(cfg, run_dir, train_rows, progress=progress))
         seed_everything(cfg.seed)  # GRPO starts from the same RNG state with or without a warm start
     state = setup_policy(cfg, policy_name)
+    if cfg.env.name == "workplace_assistant":  # a local dir's own template may not show the tools
+        from gymnb.train.warm_start import check_template_renders_tools
+
+        check_template_renders_tools(state.loaded.tokenizer, policy_name or cfg.model.name)
     resumed = maybe_resume(cfg, run_dir, state)
     if resumed is None:
         clear_run_outputs(run_dir)
