@@ -67,7 +67,7 @@ def test_rows_are_deterministic_disjoint_and_solvable():
     train, validation = make_rows("train"), make_rows("validation")
     seed, per_category = SPLITS["validation"]
     regenerated = generate_tasks(generate_company(), seed, per_category)  # bypasses every cache
-    assert [prompt for _, prompt, _ in regenerated] == [r["responses_create_params"]["input"][1]["content"]
+    assert [prompt for _, prompt, *_ in regenerated] == [r["responses_create_params"]["input"][1]["content"]
                                                         for r in validation]
     assert len(user_prompts(train)) == len(train) == 500
     assert not user_prompts(train) & user_prompts(validation)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENVS = ("math_with_judge", "workplace_assistant")
+WORKPLACE_TOOLS = ("all", "category", "reference")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -38,6 +39,11 @@ class EnvSection:
     validation_path: str | None = None  # a NeMo Gym rows JSONL to validate on instead of the embedded split
     tiers: list[int] | None = None  # keep only rows whose `tier` is listed (embedded math: 0-3); None = all
     overrides: list[str] = field(default_factory=list)  # dotted NeMo Gym config overrides for start_gym
+    # workplace_assistant only. all = NeMo Gym's rows (27 tools); category | reference = compact rows, a
+    # DEPARTURE from NeMo Gym's rows (gymnb.gym.workplace.compact): category = the task category's tools + the
+    # directory; reference = the tools of the task's reference solution + num_distractor_tools others.
+    tools: str = "all"
+    num_distractor_tools: int = 0  # tools=reference: extra tools drawn per row
 
 
 @dataclass
@@ -83,6 +89,20 @@ class OptimizerSection:
 
 
 @dataclass
+class WarmStartSection:
+    """Supervised fine-tuning on reference-solution trajectories before the first GRPO step
+    (gymnb.train.warm_start; embedded workplace_assistant rows only)."""
+
+    num_trajectories: int = 0  # the first N training rows' reference solutions (0 = no warm start)
+    epochs: int = 1  # passes over the trajectories
+    batch_size: int = 8  # trajectories per optimizer step
+    micro_batch_size: int = 2  # trajectories per forward/backward
+    lr: float = 1e-4  # AdamW, constant
+    max_grad_norm: float = 1.0
+    final_text: str = "Done."  # the closing assistant turn after the actions (ends the agent's loop)
+
+
+@dataclass
 class ValidationSection:
     every_steps: int = 10  # validate every N steps (0 = only at start and end)
     at_start: bool = True  # validate before the first step (the baseline)
@@ -113,6 +133,7 @@ class GRPOConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
 
     def __post_init__(self):
         if self.env.name not in ENVS:
@@ -121,7 +142,21 @@ class GRPOConfig:
             raise ValueError(f"optimizer.lr_schedule={self.optimizer.lr_schedule!r}: expected {list(LR_SCHEDULES)}")
         if self.model.compute_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"model.compute_dtype={self.model.compute_dtype!r}: expected float32 or bfloat16")
+        if self.env.tools not in WORKPLACE_TOOLS:
+            raise ValueError(f"env.tools={self.env.tools!r}: expected one of {list(WORKPLACE_TOOLS)}")
+        workplace = self.env.name == "workplace_assistant"
         checks = [
+            (workplace or self.env.tools == "all", "env.tools applies to workplace_assistant only"),
+            (workplace or self.warm_start.num_trajectories == 0,
+             "warm_start needs reference solutions: embedded workplace_assistant rows only"),
+            (self.warm_start.num_trajectories == 0 or self.env.train_path is None,
+             ("warm_start needs reference solutions, which only the embedded workplace rows carry: unset "
+              "env.train_path or set warm_start.num_trajectories=0")),
+            (self.env.num_distractor_tools >= 0, "env.num_distractor_tools must be >= 0"),
+            (self.warm_start.num_trajectories >= 0, "warm_start.num_trajectories must be >= 0"),
+            (self.warm_start.batch_size >= 1 and self.warm_start.micro_batch_size >= 1,
+             "warm_start.batch_size and micro_batch_size must be >= 1"),
+            (self.warm_start.epochs >= 1, "warm_start.epochs must be >= 1"),
             (self.grpo.group_size >= 2, "grpo.group_size must be >= 2 (the baseline needs other samples)"),
             (self.grpo.num_prompts_per_step >= 1, "grpo.num_prompts_per_step must be >= 1"),
             (self.grpo.max_steps >= 0, "grpo.max_steps must be >= 0"),

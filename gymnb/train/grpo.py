@@ -67,10 +67,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_policy(cfg: GRPOConfig) -> TrainState:
+def setup_policy(cfg: GRPOConfig, model_name: str | None = None) -> TrainState:
+    """The trainer's policy from `model_name` (default cfg.model.name; the warm-start directory if any)."""
     from gymnb.core.models import load_model
 
-    loaded = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
+    loaded = load_model(model_name or cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
                         threads=cfg.model.threads, chat_template=cfg.model.chat_template)
     model = loaded.model
     model.eval()  # no dropout: trainer log-probs must match the server's on the same weights
@@ -123,6 +124,14 @@ def load_data(cfg: GRPOConfig) -> tuple[list[dict], list[dict]]:
         val_rows = [r for r in val_rows if r.get("tier") in keep]
     train_rows = train_rows[:cfg.env.train_limit] if cfg.env.train_limit else train_rows
     val_rows = val_rows[:cfg.env.validation_limit] if cfg.env.validation_limit else val_rows
+    if cfg.env.tools != "all":  # compact workplace rows: a departure from NeMo Gym's, labelled in each row
+        from gymnb.gym.workplace.compact import compact_rows
+        from gymnb.train.warm_start import solutions_for
+
+        for rows, split, path in ((train_rows, cfg.env.train_split, cfg.env.train_path),
+                                  (val_rows, cfg.env.validation_split, cfg.env.validation_path)):
+            rows[:] = compact_rows(rows, cfg.env.tools, solutions=solutions_for(rows, split, path),
+                                   num_distractors=cfg.env.num_distractor_tools, seed=cfg.seed)
     if not train_rows:
         raise TrainingError(f"no training rows for env {cfg.env.name!r} "
                             f"({cfg.env.train_path or 'split ' + repr(cfg.env.train_split)})")
@@ -243,12 +252,22 @@ def train(cfg: GRPOConfig, *, progress: bool = True) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
-    state = setup_policy(cfg)
+    train_rows, val_rows = load_data(cfg)
+    policy_name = None
+    if cfg.warm_start.num_trajectories:
+        from gymnb.train.warm_start import run_warm_start
+
+        policy_name = str(run_warm_start(cfg, run_dir, train_rows, progress=progress))
+        seed_everything(cfg.seed)  # GRPO starts from the same RNG state with or without a warm start
+    state = setup_policy(cfg, policy_name)
+    if cfg.env.name == "workplace_assistant":  # a local dir's own template may not show the tools
+        from gymnb.train.warm_start import check_template_renders_tools
+
+        check_template_renders_tools(state.loaded.tokenizer, policy_name or cfg.model.name)
     resumed = maybe_resume(cfg, run_dir, state)
     if resumed is None:
         clear_run_outputs(run_dir)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resumed)
-    train_rows, val_rows = load_data(cfg)
     with ExitStack() as stack:
         server, gym = start_stack(cfg, state, stack)
         if resumed:

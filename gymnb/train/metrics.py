@@ -66,7 +66,16 @@ def rollout_stats(results: list[dict], failures: list[dict], prefix: str) -> dic
         f"{prefix}/num_failures": len(failures),
         f"{prefix}/response_length_mean": sum(lengths) / len(lengths) if lengths else 0.0,
         f"{prefix}/model_calls_mean": sum(calls) / len(calls) if calls else 0.0,
+        f"{prefix}/mixed_group_share": mixed_group_share(results),
     }
+
+
+def mixed_group_share(results: list[dict]) -> float:
+    """Share of prompts whose rollouts got different rewards: the groups that carry a GRPO gradient."""
+    groups: dict[int, set[float]] = {}
+    for r in results:
+        groups.setdefault(int(r.get("_ng_task_index", 0)), set()).add(float(r.get("reward", 0.0)))
+    return sum(len(rewards) > 1 for rewards in groups.values()) / len(groups) if groups else 0.0
 
 
 def median(values: list[float]) -> float:

@@ -8,6 +8,10 @@ prompts never appear in train. Categories are interleaved, so any prefix (`limit
 
 Every ground-truth call is replayed at generation time and must take effect (no "not found", no rejected
 value), so a row's ground truth changes the company and doing nothing scores 0.
+
+`reference_solutions(split)` gives, aligned with `make_rows(split)`, each task's reference solution: the
+template's read-only lookups followed by the ground truth, as turns of calls (gymnb's own addition: NeMo Gym's
+rows carry only the ground truth, so the rows themselves stay in its shape).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import random
 from gymnb.gym.workplace.company import base_state
 from gymnb.gym.workplace.schemas import tool_schemas
 from gymnb.gym.workplace.state import NOW, CompanyState
-from gymnb.gym.workplace.tasks import TEMPLATES, Calls
+from gymnb.gym.workplace.tasks import TEMPLATES, Calls, Lookups
 from gymnb.gym.workplace.tools import call_tool
 
 _NOW = dt.datetime.fromisoformat(NOW)
@@ -47,13 +51,13 @@ def check_ground_truth(state: CompanyState, calls: Calls) -> bool:
 
 
 def generate_tasks(state: CompanyState, seed: int, per_category: int,
-                   exclude: frozenset[str] = frozenset()) -> list[tuple[str, str, Calls]]:
-    """`per_category` (category, prompt, calls) per category, categories interleaved, prompts unique."""
+                   exclude: frozenset[str] = frozenset()) -> list[tuple[str, str, Calls, Lookups]]:
+    """`per_category` (category, prompt, calls, lookups) per category, categories interleaved, prompts unique."""
     rng = random.Random(seed)
-    by_category: dict[str, list[tuple[str, str, Calls]]] = {}
+    by_category: dict[str, list[tuple[str, str, Calls, Lookups]]] = {}
     seen = set(exclude)
     for category, templates in TEMPLATES.items():
-        found: list[tuple[str, str, Calls]] = []
+        found: list[tuple[str, str, Calls, Lookups]] = []
         for attempt in range(per_category * 50):
             if len(found) == per_category:
                 break
@@ -86,21 +90,43 @@ def build_row(index: int, category: str, prompt: str, calls: Calls) -> dict:
     }
 
 
+def build_reference_solution(calls: Calls, lookups: Lookups) -> list[list[dict]]:
+    """Turns of `{"name", "arguments"}` calls (JSON-string arguments, as on the wire): lookups, then the
+    ground truth as one turn."""
+    return [[{"name": name, "arguments": json.dumps(args)} for name, args in turn] for turn in [*lookups, calls]]
+
+
 @functools.cache
-def _split_rows(split: str) -> tuple[dict, ...]:
+def _split_tasks(split: str) -> tuple[tuple[str, str, Calls, Lookups], ...]:
     seed, per_category = SPLITS[split]
     exclude = frozenset()
     if split != "validation":
-        exclude = frozenset(r["responses_create_params"]["input"][1]["content"] for r in _split_rows("validation"))
-    tasks = generate_tasks(base_state(), seed, per_category, exclude)
-    return tuple(build_row(i, *task) for i, task in enumerate(tasks))
+        exclude = frozenset(prompt for _, prompt, _, _ in _split_tasks("validation"))
+    return tuple(generate_tasks(base_state(), seed, per_category, exclude))
 
 
-def make_rows(split: str, limit: int | None = None) -> list[dict]:
-    """Rows of the embedded `train` (500) or `validation` (100) split; the first `limit` if given."""
+@functools.cache
+def _split_rows(split: str) -> tuple[dict, ...]:
+    return tuple(build_row(i, category, prompt, calls) for i, (category, prompt, calls, _) in
+                 enumerate(_split_tasks(split)))
+
+
+def _check_split(split: str, limit: int | None) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown workplace_assistant split {split!r}; choose one of {sorted(SPLITS)}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+def make_rows(split: str, limit: int | None = None) -> list[dict]:
+    """Rows of the embedded `train` (500) or `validation` (100) split; the first `limit` if given."""
+    _check_split(split, limit)
     rows = _split_rows(split)
     return copy.deepcopy(list(rows[:limit] if limit is not None else rows))
+
+
+def reference_solutions(split: str, limit: int | None = None) -> list[list[list[dict]]]:
+    """The reference solution of each row of `make_rows(split, limit)`, in the same order (row `id` = index)."""
+    _check_split(split, limit)
+    tasks = _split_tasks(split)[:limit] if limit is not None else _split_tasks(split)
+    return [build_reference_solution(calls, lookups) for _, _, calls, lookups in tasks]
