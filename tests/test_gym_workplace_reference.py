@@ -9,7 +9,7 @@ import random
 import aiohttp
 import pytest
 
-from gymnb.gym.common import ServerLoop
+from gymnb.core.http import ServerLoop
 from gymnb.gym.workplace.compact import DEPARTURE_NOTE, category_tools, compact_row
 from gymnb.gym.workplace.company import base_state
 from gymnb.gym.workplace.data import build_reference_solution, build_row, make_rows, reference_solutions
