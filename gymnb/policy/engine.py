@@ -105,7 +105,6 @@ class GenerationEngine:
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
         self.model = loaded.model
-        self.pack_weights = pack_weights
         self.num_packed = pack_linears(self.model) if pack_weights else 0
         # Fast tokenizers are not thread-safe: an encode on one thread can fail ("Already borrowed") against a
         # decode on another. The server's event loop (`tokenizer`), the worker and the caller (who may keep
@@ -183,9 +182,7 @@ class GenerationEngine:
                 self._cond.wait_for(lambda: not self._requests_in_flight() or self._closed)
             try:
                 with self._model_lock, torch.no_grad():
-                    self.model.load_state_dict(state_dict)
-                    if self.pack_weights:
-                        pack_linears(self.model)
+                    self.model.load_state_dict(state_dict)  # packed weights follow on their next forward
                     self.prefix_cache.clear()  # KV computed with the old weights is off-policy now
             finally:
                 with self._cond:

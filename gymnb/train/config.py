@@ -12,6 +12,9 @@ from pathlib import Path
 ENVS = ("math_with_judge", "workplace_assistant")
 WORKPLACE_TOOLS = ("all", "category", "reference")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# What the warm start's assistant says after its actions: no tool call, so the agent's loop ends (and no
+# model call is spent until max_steps).
+FINAL_TEXT = "Done."
 
 
 @dataclass
@@ -99,7 +102,7 @@ class WarmStartSection:
     micro_batch_size: int = 2  # trajectories per forward/backward
     lr: float = 1e-4  # AdamW, constant
     max_grad_norm: float = 1.0
-    final_text: str = "Done."  # the closing assistant turn after the actions (ends the agent's loop)
+    final_text: str = FINAL_TEXT  # the closing assistant turn after the actions (ends the agent's loop)
 
 
 @dataclass

@@ -25,10 +25,7 @@ from pathlib import Path
 import torch
 
 from gymnb.core.errors import TrainingError
-
-# What the assistant says after its actions: no tool call, so the agent's loop ends (and no model call is
-# spent until max_steps).
-FINAL_TEXT = "Done."
+from gymnb.train.config import FINAL_TEXT
 
 
 @dataclass
