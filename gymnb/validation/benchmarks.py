@@ -47,8 +47,8 @@ SMOKE = {
 # What mode `run` costs, measured on the shared 2-core CPU (see the configs' headers and README).
 LONG_RUN_TIME = {("math", "cpu"): "10-25 min (24 steps, 2-core CPU)",
                  ("workplace", "cpu"): "about 1 h 40 min on a shared 2-core CPU (warm start 32 min, 20 GRPO steps "
-                                       "of 1-3 min, each validation of 60 tasks x 2 11-18 min; compact tools, a departure from "
-                                       "NeMo Gym's rows)",
+                                       "of 1-3 min, each validation of 60 tasks x 2 11-18 min; compact tools, "
+                                       "a departure from NeMo Gym's rows)",
                  ("math", "full"): "days on one GPU (1,000+ steps of Qwen3-4B)",
                  ("workplace", "full"): "about a day on one GPU (100+ steps of Qwen3-4B)"}
 
