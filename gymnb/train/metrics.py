@@ -14,6 +14,7 @@ from pathlib import Path
 from gymnb.core.errors import ContinuityError
 from gymnb.core.jsonl import read_jsonl
 from gymnb.tokens.continuity import extract_trainable_turns
+from gymnb.train.batching import group_rollouts
 
 
 class MetricsLog:
@@ -72,10 +73,9 @@ def rollout_stats(results: list[dict], failures: list[dict], prefix: str) -> dic
 
 def mixed_group_share(results: list[dict]) -> float:
     """Share of prompts whose rollouts got different rewards: the groups that carry a GRPO gradient."""
-    groups: dict[int, set[float]] = {}
-    for r in results:
-        groups.setdefault(int(r.get("_ng_task_index", 0)), set()).add(float(r.get("reward", 0.0)))
-    return sum(len(rewards) > 1 for rewards in groups.values()) / len(groups) if groups else 0.0
+    groups = group_rollouts(results).values()
+    mixed = sum(len({float(r.get("reward", 0.0)) for r in group}) > 1 for group in groups)
+    return mixed / len(groups) if groups else 0.0
 
 
 def median(values: list[float]) -> float:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
+from gymnb.core.jsonl import read_jsonl
 from gymnb.gym.workplace.reference import used_facts
 
 
@@ -73,15 +75,9 @@ def summarize_rollouts(results: list[dict]) -> dict:
     return {category: summary(items) for category, items in sorted(groups.items())}
 
 
-def read_results(path) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-
-
 # ----- the workplace benchmark notebook (notebooks/benchmarks/workplace_assistant.ipynb)
 def validation_files(run_dir) -> list:
     """A gymnb run's validation rollouts files, first (before training) to last (after)."""
-    from pathlib import Path
-
     folder = Path(run_dir) / "validation"
     return sorted(p for p in folder.glob("step_*.jsonl") if p.stem[5:].isdigit())
 
@@ -91,14 +87,13 @@ def compare_validations(run_dir) -> dict:
     files = validation_files(run_dir) if run_dir else []
     if len(files) < 2:
         return {}
-    before, after = (summarize_rollouts(read_results(p)) for p in (files[0], files[-1]))
+    before, after = (summarize_rollouts(read_jsonl(p, what="one rollout result per line"))
+                     for p in (files[0], files[-1]))
     return {category: {"before": before[category], "after": after.get(category)} for category in before}
 
 
 def load_warm_start(run_dir) -> dict | None:
     """The warm start's summary (`<run>/warm_start/warm_start.json`) without its per-step records."""
-    from pathlib import Path
-
     path = Path(run_dir) / "warm_start" / "warm_start.json" if run_dir else None
     if path is None or not path.exists():
         return None
