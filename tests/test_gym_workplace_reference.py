@@ -166,3 +166,21 @@ def test_analysis_tells_looked_up_facts_from_unseen_ones():
     summary = summarize_rollouts([looked, memorised, plain, silent])["all"]
     assert summary["rewarded"] == {"direct": 1, "looked_up": 1, "unseen_facts": 1}
     assert summary["rollouts"] == 4 and summary["mean_reward"] == 0.75 and summary["parsable_call"] == 0.75
+
+
+def test_compare_validations_reads_the_first_and_last_validation_of_a_run(tmp_path):
+    from gymnb.gym.workplace.analysis import compare_validations
+
+    rows, solutions = make_rows("validation", 10), reference_solutions("validation", 10)
+    direct = next(i for i, s in enumerate(solutions) if len(s) == 1)
+    solved = as_result(rows[direct], solutions[direct], 1.0)
+    failed = {**rows[direct], "response": {"output": []}, "reward": 0.0, "_ng_task_index": rows[direct]["id"]}
+    folder = tmp_path / "validation"
+    folder.mkdir()
+    for step, results in ((0, [failed, failed]), (5, [failed, solved]), (10, [solved, solved])):
+        (folder / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    (folder / "step_000010.failures.jsonl").write_text(json.dumps({"error": "timeout"}) + "\n")  # not a rollout
+    compared = compare_validations(tmp_path)["all"]
+    assert compared["before"]["mean_reward"] == 0.0 and compared["before"]["parsable_call"] == 0.0
+    assert compared["after"]["mean_reward"] == 1.0 and compared["after"]["rewarded"]["direct"] == 2
+    assert compare_validations(tmp_path / "no-such-run") == {}
