@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gymnb.core.models import load_model
-from gymnb.policy.cpu_threads import ThreadBudget, threads_for
+from gymnb.policy.cpu_threads import ThreadBudget, single_team_for_engine, threads_for
 from gymnb.policy.engine import GenerationEngine, SamplingParams
 from gymnb.train.batching import Sequence, TrainBatch
 from gymnb.train.config import GRPOConfig, LossSection, ModelSection, OptimizerSection
@@ -104,6 +104,29 @@ def test_thread_budget_resizes_only_the_calling_thread():
     thread.join()
     assert seen == {"team": 1, "torch": 1}
     assert torch.get_num_threads() == caller_threads
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_a_serving_process_keeps_one_thread_and_gives_the_engine_its_team(tiny_model_dir, adapt):
+    """`gymnb serve`'s arrangement: the main thread keeps to one thread, the engine decodes with the team it was
+    given (observed inside the model's forward, which runs on the engine's worker)."""
+    caller_threads = torch.get_num_threads()
+    try:
+        team = single_team_for_engine(2)
+        assert (team, torch.get_num_threads()) == (2, 1)
+        loaded = load_model(str(tiny_model_dir), max_model_len=512)
+        seen = []
+        loaded.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        engine = GenerationEngine(loaded, threads=team, adapt_threads=adapt)
+        try:
+            engine.generate_batch([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))
+        finally:
+            engine.close()
+        # A budget may give a core back to a busy neighbour, never take more than the team it was given.
+        assert seen and (set(seen) <= {1, 2} if adapt else set(seen) == {2})
+        assert torch.get_num_threads() == 1  # the caller's own setting is untouched by the worker
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def test_two_level_sampler_picks_what_one_full_cdf_picks():

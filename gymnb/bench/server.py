@@ -199,7 +199,7 @@ def bench_in_process(args, dtype: str, num_prompts: int) -> dict:
     from gymnb.policy.engine import GenerationEngine, SamplingParams
     from gymnb.policy.splice import build_prompt_ids
 
-    engine = GenerationEngine(load_model(args.model, dtype=dtype, threads=args.threads),
+    engine = GenerationEngine(load_model(args.model, dtype=dtype), threads=args.engine_threads,
                               max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
     try:
         prompts = [build_prompt_ids(engine.tokenizer, http_load.user_messages(i)) for i in range(num_prompts)]
@@ -326,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from gymnb.core.models import resolve_model_path
+    from gymnb.policy.cpu_threads import single_team_for_engine
 
+    # The in-process engine below is measured as `gymnb serve` runs it: this process's own torch ops (the
+    # model conversion, the loads) stay on one thread, so the engine's worker holds the only OpenMP team.
+    args.engine_threads = single_team_for_engine(args.threads)
     model_dir = Path(str(resolve_model_path(args.model)[0]))
     result = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
               "levels": levels, "rounds": args.rounds, "busy": args.busy, "threads": args.threads,

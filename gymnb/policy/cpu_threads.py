@@ -13,6 +13,16 @@ machine's busy CPU time (/proc/stat) less this process's own (/proc/self/stat): 
 used meanwhile. The team is then the CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are
 per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
 Off Linux (no /proc) the team stays at `max_threads`.
+
+One team per process. Each thread that starts a torch parallel op gets its own OpenMP team (libgomp keeps a
+pool of threads per starting thread), and when libgomp manages more threads than there are CPUs, its idle
+team threads spin only 100 times before they sleep (GOMP_SPINCOUNT in the libgomp manual), so every op of a
+decode step then waits for a sleeping thread to be woken. A process whose main thread loads the model with
+the full team and whose engine worker then decodes with its own has two teams: on the 2-core machine a
+bf16 decode step of 16 rows (SmolLM2-135M) took 77-101 ms on the worker, 50-67 ms on a worker whose main
+thread had kept to one thread, and 47-53 ms on the main thread. So a process that only serves (`gymnb serve`)
+calls `single_team_for_engine()` before loading: its own ops stay on one thread and the engine's worker
+holds the only team. In-process users (a trainer beside its server) keep two teams.
 """
 
 from __future__ import annotations
@@ -45,6 +55,15 @@ def read_cpu_ticks() -> tuple[float, int, int] | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
     return time.monotonic(), user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+
+
+def single_team_for_engine(threads: int | None = None) -> int:
+    """Keep the calling thread's torch ops on one thread, so that the engine's worker holds the process's only
+    OpenMP team (see the module docstring); returns the size that team should have: `threads`, or torch's
+    default. Call it before the model is loaded, in a process that only serves."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 def threads_for(others_cpus: float, cpus: int, max_threads: int) -> int:

@@ -93,12 +93,13 @@ class GenerationEngine:
 
     def __init__(self, loaded, *, max_batch_size: int = 16, max_batch_tokens: int = 65536,
                  max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30,
-                 adapt_threads: bool = True, pack_weights: bool = True):
+                 threads: int | None = None, adapt_threads: bool = True, pack_weights: bool = True):
         """`max_batch_tokens` bounds the KV cache (rows x padded length); `max_prefill_tokens` bounds one
         prefill (newcomers x padded uncached prompt length). Both admit at least one row, so any prompt that
         fits the context runs. `prefix_cache_bytes` is the budget for KV kept from finished rows (0 = off).
-        `adapt_threads`: the worker's torch team shrinks to the cores other processes leave free and grows
-        back, up to the thread count at construction (gymnb.policy.cpu_threads: why a fixed team collapses).
+        `threads`: the worker's torch team (default: the constructing thread's); `adapt_threads`: that team
+        shrinks to the cores other processes leave free and grows back (gymnb.policy.cpu_threads: why a
+        fixed team collapses, and why a serving process keeps its other threads to one).
         `pack_weights`: a bf16 model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
         same outputs, faster decode); no effect in float32.
         """
@@ -128,7 +129,8 @@ class GenerationEngine:
         self._paused = False
         self._closed = False
         self._num_active = 0
-        self.threads = ThreadBudget(torch.get_num_threads()) if adapt_threads else None
+        self.team_size = threads or torch.get_num_threads()
+        self.threads = ThreadBudget(self.team_size) if adapt_threads else None
         self._thread = threading.Thread(target=self._run, name="gymnb-engine", daemon=True)
         self._thread.start()
 
@@ -217,6 +219,7 @@ class GenerationEngine:
 
     # ----- worker
     def _run(self) -> None:
+        torch.set_num_threads(self.team_size)  # OpenMP team sizes are per thread: this one's, for every op
         batch = _Batch(self)
         while True:
             with self._cond:

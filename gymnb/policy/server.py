@@ -52,13 +52,14 @@ from gymnb.policy.chat import (
     parse_messages,
     parse_tools,
 )
+from gymnb.policy.cpu_threads import single_team_for_engine
 from gymnb.policy.engine import GenerationEngine
 from gymnb.policy.splice import build_prompt_ids, check_token_ids, render_ids
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024 * 1024  # long multi-turn token histories are big; refusing them would be our bug
-LOAD_OPTIONS = ("dtype", "device", "threads", "chat_template", "max_model_len")
+LOAD_OPTIONS = ("dtype", "device", "chat_template", "max_model_len")
 ENGINE_KEY = web.AppKey("engine", GenerationEngine)
 MODEL_ID_KEY = web.AppKey("model_id", str)
 SPLICE_KEY = web.AppKey("splice", bool)
@@ -127,7 +128,7 @@ async def health(request: web.Request) -> web.Response:
     if has_api_key(request, request.app[API_KEY_KEY]):
         engine = request.app[ENGINE_KEY]
         body.update(num_active=engine.num_active, num_waiting=engine.num_waiting, stats=dict(engine.stats),
-                    torch_threads=engine.threads.threads if engine.threads else None)
+                    torch_threads=engine.threads.threads if engine.threads else engine.team_size)
     return web.json_response(body)
 
 
@@ -245,8 +246,8 @@ class PolicyServer:
               **engine_opts) -> Self:
         """Load `model` (preset, path or LoadedModel), start serving; returns once the port is bound.
 
-        `engine_opts`: dtype, device, threads, chat_template, max_model_len (model loading) and the
-        GenerationEngine options (max_batch_size, max_batch_tokens, max_prefill_tokens, prefix_cache_bytes).
+        `engine_opts`: dtype, device, chat_template, max_model_len (model loading) and the GenerationEngine
+        options (threads, max_batch_size, max_batch_tokens, max_prefill_tokens, prefix_cache_bytes, ...).
         `splice=False` re-tokenizes history instead of splicing: a deliberate fault (see request_prompt_ids);
         `fault` names one of FAULTS.
         """
@@ -358,12 +359,13 @@ def main(argv: list[str]) -> int:
                         help="FAULT for demos and conformance tests (see gymnb.policy.server.FAULTS)")
     args = parser.parse_args(argv)
     check_port_free(args.host, args.port)  # before the model load, which takes seconds to minutes
+    threads = single_team_for_engine(args.threads)  # this process only serves: one OpenMP team, the engine's
     api_key = read_api_key(args.api_key, args.api_key_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = PolicyServer.start(
         args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
         api_key=api_key,
-        dtype=args.dtype, device=args.device, threads=args.threads, chat_template=args.chat_template,
+        dtype=args.dtype, device=args.device, threads=threads, chat_template=args.chat_template,
         max_model_len=args.max_model_len, max_batch_size=args.max_batch_size,
         prefix_cache_bytes=args.prefix_cache_mb << 20, adapt_threads=args.adapt_threads, splice=args.splice,
         fault=args.fault)
