@@ -100,7 +100,8 @@ def test_stop_string_ends_generation_and_is_cut_from_text(engine, loaded):
 
 def test_update_weights_waits_for_in_flight_rows(tiny_model_dir):
     """A refit called mid-generation loads the weights only after the row's last token: the completion is
-    wholly old-weights, the next one wholly new. Forward calls serve as the clock of the overlap."""
+    wholly old-weights, the next one wholly new. Passes through the model (its input embedding, which prefills
+    and both decode paths call once a step) serve as the clock of the overlap."""
     loaded = load_model(str(tiny_model_dir), max_model_len=512)
     old_model = load_model(str(tiny_model_dir), max_model_len=512).model
     engine = GenerationEngine(loaded)
@@ -125,7 +126,7 @@ def test_update_weights_waits_for_in_flight_rows(tiny_model_dir):
         events["loaded"] = len(forwards)
         return load_state_dict(state_dict, *args, **kwargs)
 
-    hook = loaded.model.register_forward_pre_hook(on_forward)
+    hook = loaded.model.get_input_embeddings().register_forward_pre_hook(on_forward)
     loaded.model.load_state_dict = recording_load
     try:
         prompt = prompts(loaded.tokenizer, 2)[1]

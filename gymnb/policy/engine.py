@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from gymnb.core.errors import RequestError, ServerError
+from gymnb.policy import lean_decode as lean_decode_mod
 from gymnb.policy.cpu_threads import ThreadBudget
 from gymnb.policy.packed_linear import pack_linears
 from gymnb.policy.prefix_cache import CacheEntry, PrefixCache
@@ -93,7 +94,8 @@ class GenerationEngine:
 
     def __init__(self, loaded, *, max_batch_size: int = 16, max_batch_tokens: int = 65536,
                  max_prefill_tokens: int = 8192, prefix_cache_bytes: int = 1 << 30,
-                 threads: int | None = None, adapt_threads: bool = True, pack_weights: bool = True):
+                 threads: int | None = None, adapt_threads: bool = True, pack_weights: bool = True,
+                 lean_decode: bool = True):
         """`max_batch_tokens` bounds the KV cache (rows x padded length); `max_prefill_tokens` bounds one
         prefill (newcomers x padded uncached prompt length). Both admit at least one row, so any prompt that
         fits the context runs. `prefix_cache_bytes` is the budget for KV kept from finished rows (0 = off).
@@ -101,12 +103,20 @@ class GenerationEngine:
         shrinks to the cores other processes leave free and grows back (gymnb.policy.cpu_threads: why a
         fixed team collapses, and why a serving process keeps its other threads to one).
         `pack_weights`: a bf16 model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
-        same outputs, faster decode); no effect in float32.
+        same outputs, faster decode); no effect in float32. `lean_decode`: decode steps of a Llama-shaped
+        model skip transformers' generic forward and write K/V in place (gymnb.policy.lean_decode: the same
+        logits); other models keep the generic forward.
         """
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
         self.model = loaded.model
         self.num_packed = pack_linears(self.model) if pack_weights else 0
+        self.lean = None
+        if lean_decode:
+            if (why := lean_decode_mod.supports(self.model)) is None:
+                self.lean = lean_decode_mod.LeanDecoder(self.model)
+            else:
+                log.info("decoding with transformers' forward: %s", why)
         # Fast tokenizers are not thread-safe: an encode on one thread can fail ("Already borrowed") against a
         # decode on another. The server's event loop (`tokenizer`), the worker and the caller (who may keep
         # using `loaded.tokenizer`, e.g. a trainer) therefore each use their own copy.
@@ -430,6 +440,11 @@ class _Batch:
     def _decode(self) -> torch.Tensor:
         ids = torch.tensor([[r.out_ids[-1]] for r in self.rows], device=self.device)  # (B, 1)
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
+        if self.engine.lean is not None:
+            logits = self.engine.lean.step(ids[:, 0], self.next_pos, self.mask, self.cache)
+            self.engine.stats["decode_steps"] += 1
+            self.next_pos = self.next_pos + 1
+            return logits.float()
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos[:, None],
                          use_cache=True, **{cache_argument(self.model): self.cache})
         self.engine.stats["decode_steps"] += 1

@@ -100,7 +100,12 @@ class ForwardTimer:
         self._clock = time.perf_counter
         self.seconds = 0.0
         self._started: float | None = None
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        # A causal LM's pass runs from its input embedding to its output head, whether through the model's
+        # forward or the engine's lean decode step (gymnb.policy.lean_decode), which skips the former.
+        first = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+        last = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        first, last = (first, last) if first is not None and last is not None else (module, module)
+        self._handles = [first.register_forward_pre_hook(self._pre), last.register_forward_hook(self._post)]
 
     def _pre(self, module, args):
         self._started = self._clock()
