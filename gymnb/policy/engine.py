@@ -102,8 +102,8 @@ class GenerationEngine:
         `threads`: the worker's torch team (default: the constructing thread's); `adapt_threads`: that team
         shrinks to the cores other processes leave free and grows back (gymnb.policy.cpu_threads: why a
         fixed team collapses, and why a serving process keeps its other threads to one).
-        `pack_weights`: a bf16 model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
-        same outputs, faster decode); no effect in float32. `lean_decode`: decode steps of a Llama-shaped
+        `pack_weights`: the model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
+        the same outputs in bf16, equal to float32 rounding in float32; faster decode). `lean_decode`: decode steps of a Llama-shaped
         model skip transformers' generic forward and write K/V in place (gymnb.policy.lean_decode: the same
         logits); other models keep the generic forward.
         """
