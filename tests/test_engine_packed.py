@@ -79,5 +79,6 @@ def test_float32_packing_agrees_to_rounding_and_samples_the_same_tokens(tiny_mod
     _, packed = sample(load_model(str(tiny_model_dir), dtype="float32"), pack=True)
     _, plain = sample(load_model(str(tiny_model_dir), dtype="float32"), pack=False)
     assert [tokens for tokens, _ in packed] == [tokens for tokens, _ in plain]
-    worst = max(abs(a - b) for (_, x), (_, y) in zip(packed, plain, strict=True) for a, b in zip(x, y, strict=True))
+    worst = max(abs(a - b) for (_, x), (_, y) in zip(packed, plain, strict=True)
+                for a, b in zip(x, y, strict=True))
     assert worst < 1e-4

@@ -96,7 +96,8 @@ def test_an_engine_decoding_lean_samples_what_transformers_forward_samples(loade
     # Same tokens; log-probs equal up to float rounding: once no row of the batch is padded, transformers
     # drops the mask and runs its other GQA kernel path (enable_gqa), where the lean step keeps one path.
     assert [tokens for tokens, _ in lean] == [tokens for tokens, _ in plain]
-    worst = max(abs(a - b) for (_, x), (_, y) in zip(lean, plain, strict=True) for a, b in zip(x, y, strict=True))
+    worst = max(abs(a - b) for (_, x), (_, y) in zip(lean, plain, strict=True)
+                for a, b in zip(x, y, strict=True))
     assert worst < (1e-5 if loaded.model.dtype == torch.float32 else 2e-2)
 
 

@@ -39,7 +39,8 @@ def test_forward_timer_sees_every_pass_of_the_engine_lean_decode_included(tiny_m
     timer._clock = lambda: float(next(ticks))
     try:
         assert engine.lean is not None
-        engine.generate_batch([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        engine.generate_batch([[1, 2, 3], [4, 5]], params)
     finally:
         engine.close()
         timer.remove()

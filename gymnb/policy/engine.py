@@ -103,9 +103,9 @@ class GenerationEngine:
         shrinks to the cores other processes leave free and grows back (gymnb.policy.cpu_threads: why a
         fixed team collapses, and why a serving process keeps its other threads to one).
         `pack_weights`: the model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
-        the same outputs in bf16, equal to float32 rounding in float32; faster decode). `lean_decode`: decode steps of a Llama-shaped
-        model skip transformers' generic forward and write K/V in place (gymnb.policy.lean_decode: the same
-        logits); other models keep the generic forward.
+        the same outputs in bf16, equal to float32 rounding in float32; faster decode). `lean_decode`: decode
+        steps of a Llama-shaped model skip transformers' generic forward and write K/V in place
+        (gymnb.policy.lean_decode: the same logits); other models keep the generic forward.
         """
         if min(max_batch_size, max_batch_tokens, max_prefill_tokens) < 1:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
@@ -442,14 +442,12 @@ class _Batch:
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
         if self.engine.lean is not None:
             logits = self.engine.lean.step(ids[:, 0], self.next_pos, self.mask, self.cache)
-            self.engine.stats["decode_steps"] += 1
-            self.next_pos = self.next_pos + 1
-            return logits.float()
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                         use_cache=True, **{cache_argument(self.model): self.cache})
+        else:
+            logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos[:, None],
+                                use_cache=True, **{cache_argument(self.model): self.cache}).logits[:, -1, :]
         self.engine.stats["decode_steps"] += 1
         self.next_pos = self.next_pos + 1
-        return out.logits[:, -1, :].float()
+        return logits.float()
 
     def _drop(self, finished: list[_Row]) -> None:
         """Remove finished rows from the batch, keeping their KV in the prefix cache."""

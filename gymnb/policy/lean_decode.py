@@ -31,11 +31,11 @@ import torch.nn.functional as F
 # Model types whose decoder layer is exactly: norm, q/k/v projections, rotary, attention, o projection,
 # residual, norm, gated MLP, residual (Qwen2 adds biases to q/k/v, which the projections carry).
 LLAMA_SHAPED = ("llama", "qwen2")
-SPARE_COLUMNS = 64  # cache columns added when a layer's buffer is full: one copy every 64 steps, not every step
+SPARE_COLUMNS = 64  # columns added when a layer's buffer is full: one copy every 64 steps, not every step
 
 
 def supports(model) -> str | None:
-    """None if `LeanDecoder` can run `model`, else why not (logged; the engine keeps transformers' forward)."""
+    """None if `LeanDecoder` can run `model`, else why not (logged; the engine keeps the model's forward)."""
     config = model.config
     if config.model_type not in LLAMA_SHAPED:
         return f"model type {config.model_type!r} is not one of {LLAMA_SHAPED}"
@@ -53,7 +53,6 @@ class LeanDecoder:
     """The decode step of a Llama-shaped model over the engine's left-padded batch (see module docstring)."""
 
     def __init__(self, model):
-        self.model = model
         inner = model.model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
@@ -90,8 +89,7 @@ class LeanDecoder:
             grouped = query.reshape(batch, keys.shape[1], self.groups, self.head_dim)  # (B, Hk, G, D)
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=attend, scale=self.scaling)
             hidden = residual + attn.o_proj(out.reshape(batch, 1, -1))
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden))[:, -1, :]
 
 

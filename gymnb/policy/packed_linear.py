@@ -11,9 +11,9 @@ no AMX), 16 rows, two threads, 576x1536 took 258 us as `F.linear` and 151 us pac
 projection 22.4 ms and 7.5 ms. There the outputs are another kernel's, equal to float32 rounding (checked:
 relative 1e-5), not bit-identical, and the engine's log-probs stay within float32 rounding of the trainer's.
 
-`pack_linears(model)` packs every bf16 or float32 Linear of the engine's model and routes its forward through the packed
-weight; a weight changed in place since (an optimizer step, `load_state_dict`) is packed again on its next
-forward, and a forward that needs gradients takes `F.linear`, so a model shared with a trainer stays
+`pack_linears(model)` packs every bf16 or float32 Linear of the engine's model and routes its forward through
+the packed weight; a weight changed in place since (an optimizer step, `load_state_dict`) is packed again on
+its next forward, and a forward that needs gradients takes `F.linear`, so a model shared with a trainer stays
 correct. Packing is checked on the first layer against `F.linear` (bf16: bit-identical; float32: within
 float32 rounding) and skipped (returns 0) where it is unavailable or disagrees.
 """
