@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from gymnb.core.errors import RequestError, ServerError
 from gymnb.policy import lean_decode as lean_decode_mod
 from gymnb.policy.cpu_threads import ThreadBudget
-from gymnb.policy.packed_linear import pack_linears
+from gymnb.policy.packed_linear import matmul_path, pack_linears
 from gymnb.policy.prefix_cache import CacheEntry, PrefixCache
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class GenerationEngine:
         shrinks to the cores other processes leave free and grows back (gymnb.policy.cpu_threads: why a
         fixed team collapses, and why a serving process keeps its other threads to one).
         `pack_weights`: the model's Linear weights are laid out once for oneDNN (gymnb.policy.packed_linear:
-        the same outputs in bf16, equal to float32 rounding in float32; faster decode). `lean_decode`: decode
+        the same outputs on bf16 units, equal to float32 rounding in float32, to one bf16 rounding for bf16
+        weights on a CPU without bf16 matmul; faster decode). `lean_decode`: decode
         steps of a Llama-shaped model skip transformers' generic forward and write K/V in place
         (gymnb.policy.lean_decode: the same logits); other models keep the generic forward.
         """
@@ -111,6 +112,7 @@ class GenerationEngine:
             raise ValueError("max_batch_size, max_batch_tokens and max_prefill_tokens must be >= 1")
         self.model = loaded.model
         self.num_packed = pack_linears(self.model) if pack_weights else 0
+        self.matmul = matmul_path(self.model)  # e.g. bf16 weights on a CPU without bf16 matmul: float32 units
         self.lean = None
         if lean_decode:
             if (why := lean_decode_mod.supports(self.model)) is None:

@@ -3,7 +3,8 @@
 Endpoints (vLLM shapes; see gymnb.policy.chat for the request schema):
     GET  /v1/models            {"object": "list", "data": [{"id": MODEL_ID, "max_model_len": ...}]}
     GET  /health               {"status": "ok"} for anyone; with the API key also "num_active", "num_waiting",
-                               "stats" (request and token counters)
+                               "stats" (request and token counters), "torch_threads", "matmul" (how the
+                               Linear layers multiply: gymnb.policy.packed_linear.matmul_path)
     POST /v1/chat/completions  chat.completion; every choices[i].message has prompt_token_ids,
                                generation_token_ids, generation_log_probs
     POST /tokenize             {"messages", "tools"?, ...} or {"prompt": str}
@@ -128,7 +129,8 @@ async def health(request: web.Request) -> web.Response:
     if has_api_key(request, request.app[API_KEY_KEY]):
         engine = request.app[ENGINE_KEY]
         body.update(num_active=engine.num_active, num_waiting=engine.num_waiting, stats=dict(engine.stats),
-                    torch_threads=engine.threads.threads if engine.threads else engine.team_size)
+                    torch_threads=engine.threads.threads if engine.threads else engine.team_size,
+                    matmul=engine.matmul)
     return web.json_response(body)
 
 
@@ -373,7 +375,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         wait_until_ready(server.url, api_key)
-        print(f"gymnb serve: {server.model_id} ready at {server.url} (OpenAI base_url {server.base_url})",
+        print(f"gymnb serve: {server.model_id} ready at {server.url} (OpenAI base_url {server.base_url}; "
+              f"{str(server.engine.model.dtype).removeprefix('torch.')} weights, matmul {server.engine.matmul})",
               flush=True)
         if not args.splice:
             print(NO_SPLICE_BANNER, flush=True)
