@@ -26,6 +26,7 @@ bf16 weight is packed as float32 and the matmul runs oneDNN's float32 kernel on 
 rounding its output to bf16: the same computation in another summation order, 4x faster (422 us, 14.3 ms).
 Outputs then equal `F.linear`'s to one bf16 rounding step (measured: 1e-4 of the elements differ, each by
 one unit in the last place), not bit-identical; packing is checked to that tolerance.
+The packed copy then takes float32's memory (twice the bf16 weights': 0.5 GB for SmolLM2-135M).
 """
 
 from __future__ import annotations
