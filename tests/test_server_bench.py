@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from gymnb import bench
+from gymnb.bench import server
 
 
 def test_bench_dispatcher_lists_and_rejects(capsys):
@@ -38,3 +39,21 @@ def test_bench_server_names_the_vllm_remedy(tmp_path, capsys):
     argv = ["server", "--vllm", str(tmp_path / "nowhere"), "--out", str(tmp_path / "server.json")]
     assert bench.main(argv) == 2
     assert "make real-vllm" in capsys.readouterr().err
+
+
+def run(tokens_per_s: float) -> dict:
+    return {"tokens_per_s": tokens_per_s, "tokens_per_cpu_s": tokens_per_s / 2}
+
+
+def test_ratios_come_with_the_range_of_each_rounds_pair(capsys):
+    """Two rounds: gymnb 100 then 60 tok/s, its peer 50 then 60. Medians 80 / 55; the pairs 2.0 and 1.0."""
+    cells = {"gymnb float32": [100, 60], "vllm float32": [50, 60]}
+    result = {"busy": False, "levels": [16], "dtypes": {"float32": {"servers": {
+        key: {"16": {"quiet": {"runs": [run(v) for v in values], "tokens_per_s": sum(values) / 2}}}
+        for key, values in cells.items()}}}}
+    server.add_ratios(result)
+    block = result["dtypes"]["float32"]
+    assert block["ratios"]["16"] == {"gymnb/vllm": round(80 / 55, 3)}
+    assert block["ratio_ranges"]["16"] == {"gymnb/vllm": [1.0, 2.0]}
+    server.print_table(result)
+    assert "gymnb/vllm 1.46x (1.00-2.00)" in capsys.readouterr().out

@@ -11,8 +11,9 @@ same work. Results: outputs/bench/server.json; the table prints each figure and 
 
 On a shared machine there are no quiet figures to compare with, so the servers of one dtype run side by side and
 are measured alternately, round by round (the order rotates), and a figure is the median over rounds; the ratios
-are what to read. `--busy` adds, right after each quiet measurement, the same measurement with a CPU-bound
-process pinned to one core, and reports each server's retained share (busy / quiet tokens/s).
+are what to read, each with the range of its rounds' paired ratios. `--busy` adds, right after each quiet
+measurement, the same measurement with a CPU-bound process pinned to one core, and reports each server's
+retained share (busy / quiet tokens/s).
 """
 
 from __future__ import annotations
@@ -234,25 +235,36 @@ def bench_dtype(args, dtype: str, levels: list[int], model_dir: Path) -> dict:
 
 
 def add_ratios(result: dict) -> None:
-    """gymnb / each peer of the same dtype, per level (quiet tokens/s); gymnb HTTP / in-process."""
+    """gymnb / each peer of the same dtype, per level (quiet tokens/s); gymnb HTTP / in-process.
+
+    Beside each ratio of medians, `ratio_ranges` holds the lowest and highest ratio of one round's pair (the
+    two servers measured back to back): on a shared machine that spread says how far one figure can be read.
+    """
     for dtype, block in result["dtypes"].items():
         servers = block["servers"]
         ours = servers.get(f"gymnb {dtype}", {})
-        ratios = {}
+        ratios, ranges = {}, {}
         for key, levels in servers.items():
             if key.startswith("gymnb") or "skipped" in levels:
                 continue
             for clients, cell in levels.items():
-                mine = ours.get(clients, {}).get("quiet", {}).get("tokens_per_s")
-                theirs = cell.get("quiet", {}).get("tokens_per_s")
-                if mine and theirs:
-                    ratios.setdefault(clients, {})[f"gymnb/{key.split()[0]}"] = round(mine / theirs, 3)
+                mine = ours.get(clients, {}).get("quiet", {})
+                theirs = cell.get("quiet", {})
+                name = f"gymnb/{key.split()[0]}"
+                if mine.get("tokens_per_s") and theirs.get("tokens_per_s"):
+                    ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
+                    ratios.setdefault(clients, {})[name] = round(ratio, 3)
+                paired = [a["tokens_per_s"] / b["tokens_per_s"]
+                          for a, b in zip(mine.get("runs", []), theirs.get("runs", []), strict=False)
+                          if a.get("tokens_per_s") and b.get("tokens_per_s")]
+                if paired:
+                    ranges.setdefault(clients, {})[name] = [round(min(paired), 3), round(max(paired), 3)]
         ceiling = block.get("in_process", {}).get("tokens_per_s")
         for clients, cell in ours.items():
             mine = cell.get("quiet", {}).get("tokens_per_s") if isinstance(cell, dict) else None
             if mine and ceiling:
                 ratios.setdefault(clients, {})["gymnb/in_process"] = round(mine / ceiling, 3)
-        block["ratios"] = ratios
+        block["ratios"], block["ratio_ranges"] = ratios, ranges
 
 
 def print_table(result: dict) -> None:
@@ -261,14 +273,17 @@ def print_table(result: dict) -> None:
         inproc = block.get("in_process")
         print(f"\n{dtype}" + (f": in-process padded batch {inproc['tokens_per_s']:.1f} tokens/s" if inproc else ""))
         header = " | ".join(f"{key:>20}" for key in servers)
-        print(f"{'clients':>7} | {header} | ratios (quiet tokens/s){' | retained when busy' * result['busy']}")
+        busy_header = " | retained when busy" * result["busy"]
+        print(f"{'clients':>7} | {header} | ratios (quiet tokens/s; range of the rounds){busy_header}")
         for clients in map(str, result["levels"]):
             cells = []
             for levels in servers.values():
                 quiet = levels.get(clients, {}).get("quiet", {})
                 cpu = f" ({quiet['tokens_per_cpu_s']:.0f}/CPU-s)" if "tokens_per_cpu_s" in quiet else ""
                 cells.append(f"{quiet.get('tokens_per_s', float('nan')):.1f}{cpu}".rjust(20))
-            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in block.get("ratios", {}).get(clients, {}).items())
+            spread = block.get("ratio_ranges", {}).get(clients, {})
+            ratios = ", ".join(f"{k} {v:.2f}x" + (" ({:.2f}-{:.2f})".format(*spread[k]) if k in spread else "")
+                               for k, v in block.get("ratios", {}).get(clients, {}).items())
             retained = ", ".join(f"{key.split()[0]} {levels[clients]['retained']:.2f}"
                                  for key, levels in servers.items() if "retained" in levels.get(clients, {}))
             print(f"{clients:>7} | {' | '.join(cells)} | {ratios}" + (f" | {retained}" if result["busy"] else ""))
