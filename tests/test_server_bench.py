@@ -57,3 +57,18 @@ def test_ratios_come_with_the_range_of_each_rounds_pair(capsys):
     assert block["ratio_ranges"]["16"] == {"gymnb/vllm": [1.0, 2.0]}
     server.print_table(result)
     assert "gymnb/vllm 1.46x (1.00-2.00)" in capsys.readouterr().out
+
+
+def test_bench_prompts_never_repeat_and_share_only_their_opening():
+    """Every server has prefix caching on: a repeated prompt would measure a cache hit, not a prefill."""
+    from gymnb.bench import http_load
+
+    def text(index, tag):
+        return http_load.user_messages(index, tag)[0]["content"]
+
+    seen = [text(i + r * 16, f"{round_}.16") for round_ in (1, 2) for r in range(2) for i in range(16)]
+    assert len(set(seen)) == len(seen) == 64  # the 16 base prompts, each asked 4 times, never alike
+    assert text(3, "1.16") == text(3, "1.16")  # a server's peers get the same prompt
+    assert text(3, "1.16").startswith("Request 1.16.3: ")
+    untagged = http_load.user_messages(3)  # the logprobs bench: the plain prompt
+    assert untagged == [{"role": "user", "content": http_load.PROMPTS[3]}]

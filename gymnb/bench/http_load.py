@@ -43,8 +43,13 @@ PROMPTS = [
 BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
 
 
-def user_messages(index: int) -> list[dict]:
-    return [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+def user_messages(index: int, tag: str | None = None) -> list[dict]:
+    """One user turn. With a `tag` (a measurement's name) it opens with "Request <tag>.<index>:", so no two
+    requests of a bench share more than the chat template's opening: every server has prefix caching on by
+    default (vLLM's prefix caching, transformers' block sharing, gymnb's prefix cache), and repeated prompts
+    would measure cache hits instead of prefills (each server's cache lives through all its rounds)."""
+    prompt = PROMPTS[index % len(PROMPTS)]
+    return [{"role": "user", "content": prompt if tag is None else f"Request {tag}.{index}: {prompt}"}]
 
 
 def process_tree_cpu_seconds(pid: int) -> float | None:
@@ -71,13 +76,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 async def run_clients(base_url: str, model: str, concurrency: int, requests_per_client: int, max_tokens: int,
-                      extra: dict) -> tuple[int, float]:
-    """C clients, each sending `requests_per_client` chat requests back to back: (output tokens, seconds)."""
+                      extra: dict, tag: str) -> tuple[int, float]:
+    """C clients, each sending `requests_per_client` chat requests back to back: (output tokens, seconds).
+    `tag` names the measurement in every prompt (see `user_messages`)."""
 
     async def client(session, index: int) -> int:
         tokens = 0
         for r in range(requests_per_client):
-            body = {"model": model, "messages": user_messages(index + r * concurrency),
+            body = {"model": model, "messages": user_messages(index + r * concurrency, tag),
                     "max_tokens": max_tokens, "temperature": 1.0, **extra}
             async with session.post(f"{base_url}/v1/chat/completions", json=body) as resp:
                 data = await resp.json(content_type=None)
@@ -93,10 +99,12 @@ async def run_clients(base_url: str, model: str, concurrency: int, requests_per_
 
 
 def measure_level(url: str, model: str, pid: int, clients: int, requests_per_client: int, max_tokens: int,
-                  extra: dict) -> dict:
-    """One measurement of one server at one concurrency: tokens/s and tokens per CPU-second of the server."""
+                  extra: dict, tag: str) -> dict:
+    """One measurement of one server at one concurrency: tokens/s and tokens per CPU-second of the server.
+    `tag`: unique per measurement of a server, so that no prompt repeats (see `user_messages`)."""
     cpu_before = process_tree_cpu_seconds(pid)
-    tokens, seconds = asyncio.run(run_clients(url, model, clients, requests_per_client, max_tokens, extra))
+    clients_run = run_clients(url, model, clients, requests_per_client, max_tokens, extra, tag)
+    tokens, seconds = asyncio.run(clients_run)
     cpu_after = process_tree_cpu_seconds(pid)
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return summarize(tokens, seconds, cpu, clients=clients, requests=clients * requests_per_client)

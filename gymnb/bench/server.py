@@ -7,7 +7,9 @@ Output tokens/s of the same chat requests, for each dtype asked for (`--dtype fl
     `transformers serve --continuous-batching` (needs `pip install 'transformers[serving]'`), same weights and
     dtype. A server that cannot run is reported as skipped, with the reason and the remedy.
 Every request samples at temperature 1 with a fixed max_tokens and `ignore_eos` (gymnb, vLLM), so each does the
-same work. Results: outputs/bench/server.json; the table prints each figure and the ratios gymnb / peer.
+same work. Every server keeps its prefix caching on, as it is by default, and no server sees a prompt twice
+(each opens with its measurement's name), so what any of them reuses is the chat template's shared opening.
+Results: outputs/bench/server.json; the table prints each figure and the ratios gymnb / peer.
 
 On a shared machine there are no quiet figures to compare with, so the servers of one dtype run side by side and
 are measured alternately, round by round (the order rotates), and a figure is the median over rounds; the ratios
@@ -133,7 +135,7 @@ def start_all(servers: list[Served], args) -> None:
                                          deadline)
         if s.skipped is None:
             try:  # the first forward passes are slow (allocation, kernel selection)
-                http_load.measure_level(s.url, s.model, s.proc.pid, 2, 1, 8, s.extra)
+                http_load.measure_level(s.url, s.model, s.proc.pid, 2, 1, 8, s.extra, tag="warm-up")
             except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:
                 s.skipped = f"warm-up request failed: {type(exc).__name__}: {exc}"[:500]
         if s.skipped is not None:
@@ -141,10 +143,10 @@ def start_all(servers: list[Served], args) -> None:
             s.proc = None
 
 
-def measure_once(s: Served, clients: int, args) -> dict:
+def measure_once(s: Served, clients: int, args, tag: str) -> dict:
     try:
         return http_load.measure_level(s.url, s.model, s.proc.pid, clients, args.requests_per_client,
-                                       args.max_tokens, s.extra)
+                                       args.max_tokens, s.extra, tag)
     except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:  # a finding: record, go on
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
@@ -158,10 +160,12 @@ def measure_alternating(servers: list[Served], levels: list[int], args) -> dict:
             shift = round_index % max(len(live), 1)
             for s in live[shift:] + live[:shift]:
                 cell = runs[s.key][str(clients)]
-                cell["quiet"].append(measure_once(s, clients, args))
+                # Each server gets the same prompts as its peers, and never one it has seen (user_messages).
+                tag = f"{round_index + 1}.{clients}"
+                cell["quiet"].append(measure_once(s, clients, args, tag))
                 if args.busy:
                     with http_load.busy_core(args.busy_core):
-                        cell["busy"].append(measure_once(s, clients, args))
+                        cell["busy"].append(measure_once(s, clients, args, f"{tag}b"))
                 print(f"  round {round_index + 1}/{args.rounds} {clients:>2} clients {s.key}: "
                       f"{describe(cell)}", flush=True)
     return {key: {c: combine(cell) for c, cell in levels_.items()} for key, levels_ in runs.items()}
@@ -201,9 +205,11 @@ def bench_in_process(args, dtype: str, num_prompts: int) -> dict:
     from gymnb.policy.splice import build_prompt_ids
 
     engine = GenerationEngine(load_model(args.model, dtype=dtype), threads=args.engine_threads,
-                              max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
+                              max_batch_size=args.max_batch_size,
+                              prefix_cache_bytes=args.prefix_cache_mb << 20)
     try:
-        prompts = [build_prompt_ids(engine.tokenizer, http_load.user_messages(i)) for i in range(num_prompts)]
+        prompts = [build_prompt_ids(engine.tokenizer, http_load.user_messages(i, "in-process"))
+                   for i in range(num_prompts)]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
         engine.generate_batch(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
         wall, cpu = time.perf_counter(), time.process_time()
@@ -305,8 +311,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--busy-core", type=int, default=0, help="the core the --busy process is pinned to")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every server (default: theirs)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="gymnb's batch and vLLM's max-num-seqs")
-    parser.add_argument("--prefix-cache-mb", type=int, default=0,
-                        help="gymnb's prefix cache (off by default: the bench repeats its prompts)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=1024,
+                        help="gymnb's prefix cache, as `gymnb serve` sets it; vLLM's prefix caching and "
+                             "transformers' block sharing are on too, their defaults (no prompt repeats)")
     parser.add_argument("--vllm", default=None, help=f"vllm executable or venv (default {default_vllm()})")
     parser.add_argument("--vllm-max-model-len", type=int, default=2048)
     parser.add_argument("--vllm-peer", action=argparse.BooleanOptionalAction, default=True,
