@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from gymnb.core.models import load_model
-from gymnb.policy.cpu_threads import ThreadBudget, single_team_for_engine, threads_for
+from gymnb.policy.cpu_threads import (
+    ThreadBudget,
+    adaptive_team,
+    single_team_for_engine,
+    threads_for,
+    usable_cpus,
+)
 from gymnb.policy.engine import GenerationEngine, SamplingParams
 from gymnb.train.batching import Sequence, TrainBatch
 from gymnb.train.config import GRPOConfig, LossSection, ModelSection, OptimizerSection
@@ -104,6 +110,24 @@ def test_thread_budget_resizes_only_the_calling_thread():
     thread.join()
     assert seen == {"team": 1, "torch": 1}
     assert torch.get_num_threads() == caller_threads
+
+
+def test_a_trainers_team_gives_a_busy_core_back_from_its_first_op_and_is_restored_after():
+    """Layer 05 and the GRPO step start computing at once: the team is sized from a reading taken on entry,
+    with a real CPU-bound process on one core, not after the first interval."""
+    from gymnb.bench.http_load import busy_core
+
+    caller_threads = torch.get_num_threads()
+    cpus = usable_cpus()
+    try:
+        torch.set_num_threads(cpus)
+        with busy_core(0), adaptive_team() as team:
+            sizes = [team.threads, torch.get_num_threads()]
+        assert team.others_cpus >= 0.7  # the neighbour's core, seen in the first 0.1 s
+        assert sizes[0] == sizes[1] <= max(cpus - 1, 1)
+        assert torch.get_num_threads() == cpus  # the caller's own size, restored
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 @pytest.mark.parametrize("adapt", [True, False])

@@ -80,16 +80,20 @@ def check_gradient_flow(rollouts: list[dict], policy, *, max_rollouts: int = 4, 
 
 def backward_unit_advantage(model, processed: list[tuple[int, dict, dict]]) -> tuple[list[float], float]:
     """Accumulate the gradient of -mean(log p over generated tokens); return (gen_lp - train_lp per token, loss)."""
+    from gymnb.policy.cpu_threads import adaptive_team
+
     model.zero_grad(set_to_none=True)
     num_tokens = sum(int(item["loss_mask"].sum()) for _, _, item in processed)
     diffs, loss_value = [], 0.0
-    for _, rollout, item in processed:
-        logprobs, mask = recompute_logprobs(model, item, rollout_temperature(rollout))  # (1, T), (1, T)
-        generation = item["generation_logprobs"][None]  # (1, T)
-        diffs += (generation - logprobs.detach())[mask].tolist()
-        loss = -(logprobs * mask).sum() / max(num_tokens, 1)  # token-level mean over the whole batch
-        loss.backward()
-        loss_value += float(loss.detach())
+    with adaptive_team() as team:  # a busy core must not stall every op of the backward (cpu_threads)
+        for _, rollout, item in processed:
+            team.adjust()
+            logprobs, mask = recompute_logprobs(model, item, rollout_temperature(rollout))  # (1, T), (1, T)
+            generation = item["generation_logprobs"][None]  # (1, T)
+            diffs += (generation - logprobs.detach())[mask].tolist()
+            loss = -(logprobs * mask).sum() / max(num_tokens, 1)  # token-level mean over the whole batch
+            loss.backward()
+            loss_value += float(loss.detach())
     return diffs, loss_value
 
 
