@@ -56,36 +56,28 @@ def accumulate_gradients(model, batch: TrainBatch, *, micro_batch_size: int, tem
     with adaptive_team() as team:  # a busy core must not stall every op of the backward (cpu_threads)
         for mb in iter_micro_batches(batch, micro_batch_size, pad_token_id):
             team.adjust()
-            _accumulate_one(model, mb, totals, temperature=temperature, loss_cfg=loss_cfg, use_kl=use_kl,
-                            num_global_tokens=num_global_tokens, reference_model=reference_model,
-                            compute_dtype=compute_dtype)
+            logprobs = compute_token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
+                                              mb.loss_mask, compute_dtype)  # (B, T)
+            reference = None
+            if use_kl:
+                with torch.no_grad():
+                    reference = compute_token_logprobs(reference_model, mb.input_ids, mb.attention_mask,
+                                                       temperature, mb.loss_mask, compute_dtype)
+            out = policy_loss(
+                logprobs, logprobs.detach(), mb.advantages, mb.loss_mask, num_global_tokens,
+                clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
+                generation_logprobs=mb.generation_logprobs, importance_sampling=loss_cfg.importance_sampling,
+                is_truncation=loss_cfg.is_truncation, reference_logprobs=reference,
+                kl_coef=loss_cfg.kl_coef if use_kl else 0.0,
+            )
+            out.loss.backward()
+            totals["loss"] += float(out.loss.detach())
+            for key, value in out.stats.items():
+                if key.endswith("_max"):
+                    totals[key] = max(totals.get(key, 0.0), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value
     return totals
-
-
-def _accumulate_one(model, mb, totals: dict[str, float], *, temperature: float, loss_cfg, use_kl: bool,
-                    num_global_tokens: int, reference_model, compute_dtype) -> None:
-    """Forward/backward of one micro-batch, its sums added to `totals`."""
-    logprobs = compute_token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
-                                      mb.loss_mask, compute_dtype)  # (B, T)
-    reference = None
-    if use_kl:
-        with torch.no_grad():
-            reference = compute_token_logprobs(reference_model, mb.input_ids, mb.attention_mask,
-                                               temperature, mb.loss_mask, compute_dtype)
-    out = policy_loss(
-        logprobs, logprobs.detach(), mb.advantages, mb.loss_mask, num_global_tokens,
-        clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
-        generation_logprobs=mb.generation_logprobs, importance_sampling=loss_cfg.importance_sampling,
-        is_truncation=loss_cfg.is_truncation, reference_logprobs=reference,
-        kl_coef=loss_cfg.kl_coef if use_kl else 0.0,
-    )
-    out.loss.backward()
-    totals["loss"] += float(out.loss.detach())
-    for key, value in out.stats.items():
-        if key.endswith("_max"):
-            totals[key] = max(totals.get(key, 0.0), value)
-        else:
-            totals[key] = totals.get(key, 0.0) + value
 
 
 def train_step(model, optimizer, scheduler, batch: TrainBatch, *, micro_batch_size: int, temperature: float,
