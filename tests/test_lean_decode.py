@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gymnb.core.models import load_model
 from gymnb.policy.engine import GenerationEngine, SamplingParams, cache_argument
 from gymnb.policy.lean_decode import SPARE_COLUMNS, LeanDecoder, supports
+from gymnb.policy.packed_linear import pack_linears
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -31,8 +32,12 @@ def prefill(model, ids, mask):
     return getattr(out, name), name
 
 
-def test_a_step_gives_transformers_logits_on_the_same_cache(loaded):
-    model = loaded.model
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
+def test_a_step_gives_transformers_logits_on_the_same_cache(loaded, packed):
+    """Packed, the step's grouped projections (q/k/v, gate/up: one matmul each) against the model's own
+    packed layers one by one: the same kernel on the same columns, so the same bits."""
+    model = copy.deepcopy(loaded.model)
+    assert not packed or pack_linears(model) > 0
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (3, 7), generator=generator)
     mask = torch.ones(3, 7, dtype=torch.long)
@@ -51,6 +56,7 @@ def test_a_step_gives_transformers_logits_on_the_same_cache(loaded):
             positions = positions + 1
         for plain, lean in zip(cache.layers, lean_cache.layers, strict=True):
             assert torch.equal(plain.keys, lean.keys) and torch.equal(plain.values, lean.values)
+    assert (decoder.qkv[0].weight is not None) == packed  # the grouped matmul ran where it could
 
 
 def test_steps_follow_the_whole_sequence_forward(tiny_model_dir):
