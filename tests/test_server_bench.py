@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from gymnb import bench
-from gymnb.bench import server
+from gymnb.bench import http_load, server
 
 
 def test_bench_dispatcher_lists_and_rejects(capsys):
@@ -31,6 +33,7 @@ def test_bench_server_alternates_rounds_and_reports_busy_shares(tiny_model_dir, 
             assert len(runs) == 2  # one per round
             assert all(r["output_tokens"] == int(clients) * 5 for r in runs)  # ignore_eos: max_tokens each
             assert all(r["cpu_seconds"] > 0 for r in runs)  # the server subprocess's own CPU time
+            assert all(0 <= r["settled_s"] < 15 for r in runs)  # an idle server goes quiet before the bound
         assert cell["retained"] > 0
         assert "gymnb/in_process" in block["ratios"][clients]
 
@@ -72,3 +75,32 @@ def test_bench_prompts_never_repeat_and_share_only_their_opening():
     assert text(3, "1.16").startswith("Request 1.16.3: ")
     untagged = http_load.user_messages(3)  # the logprobs bench: the plain prompt
     assert untagged == [{"role": "user", "content": http_load.PROMPTS[3]}]
+
+
+BURN_THEN_SLEEP = """
+import sys, time
+start = time.monotonic()
+while time.monotonic() - start < 1.5:
+    pass
+open(sys.argv[1], "w").write("stopped")
+time.sleep(60)
+"""
+
+
+def test_a_measurement_waits_for_a_server_that_computes_on_after_its_load(tmp_path):
+    """As vLLM's engine core does for a second after its last response: the wait ends after it stops."""
+    marker = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-c", BURN_THEN_SLEEP, str(marker)])
+    try:
+        waited = http_load.wait_quiet([proc.pid], timeout=30)
+        assert marker.exists() and waited < 30
+        assert http_load.wait_quiet([proc.pid], window=0.2, timeout=30) < 30  # quiet now: no more waiting
+    finally:
+        proc.kill()
+        proc.wait()
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:  # never quiet: the measurement goes ahead at the bound
+        assert http_load.wait_quiet([burner.pid], window=0.2, timeout=1.0) >= 1.0
+    finally:
+        burner.kill()
+        burner.wait()

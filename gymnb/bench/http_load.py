@@ -65,6 +65,24 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
     return total if found else None
 
 
+def wait_quiet(pids: list[int], *, threshold: float = 0.1, window: float = 0.5, timeout: float = 15.0) -> float:
+    """Wait until the processes `pids` (children included) together use under `threshold` CPUs over a
+    `window`; returns the seconds waited (`timeout` at most, then the measurement goes ahead anyway).
+
+    A server may go on computing after its last response: vLLM's engine core spun one core for about a second
+    after each load here. A server measured next meets a busy core for that second, and one whose threads
+    follow the free cores (gymnb) runs on fewer for a while: gymnb measured right after vLLM made 181
+    tokens/s, alone 200. So every measurement starts on servers that have all gone quiet."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = [process_tree_cpu_seconds(pid) or 0.0 for pid in pids]
+        time.sleep(window)
+        used = sum((process_tree_cpu_seconds(pid) or 0.0) - b for pid, b in zip(pids, before, strict=True))
+        if used / window < threshold:
+            break
+    return round(time.monotonic() - start, 2)
+
+
 def child_pids(pid: int) -> list[int]:
     """Descendants of `pid` (from /proc/<pid>/task/*/children), depth first."""
     out = []

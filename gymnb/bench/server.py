@@ -15,7 +15,8 @@ On a shared machine there are no quiet figures to compare with, so the servers o
 are measured alternately, round by round (the order rotates), and a figure is the median over rounds; the ratios
 are what to read, each with the range of its rounds' paired ratios. `--busy` adds, right after each quiet
 measurement, the same measurement with a CPU-bound process pinned to one core, and reports each server's
-retained share (busy / quiet tokens/s).
+retained share (busy / quiet tokens/s). Each measurement starts once every server has gone quiet (vLLM computes
+on for a second after its last response; `http_load.wait_quiet`), and records how long that took.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def measure_alternating(servers: list[Served], levels: list[int], args) -> dict:
     """Rounds x levels x servers (rotating order); with --busy each quiet run is followed by a busy one."""
     live = [s for s in servers if s.proc is not None]
     runs: dict = {s.key: {str(c): {"quiet": [], "busy": []} for c in levels} for s in live}
+    pids = [s.proc.pid for s in live]  # each measurement waits for all of them to go quiet (wait_quiet)
     for round_index in range(args.rounds):
         for clients in levels:
             shift = round_index % max(len(live), 1)
@@ -162,10 +164,12 @@ def measure_alternating(servers: list[Served], levels: list[int], args) -> dict:
                 cell = runs[s.key][str(clients)]
                 # Each server gets the same prompts as its peers, and never one it has seen (user_messages).
                 tag = f"{round_index + 1}.{clients}"
-                cell["quiet"].append(measure_once(s, clients, args, tag))
+                settled = http_load.wait_quiet(pids)
+                cell["quiet"].append({**measure_once(s, clients, args, tag), "settled_s": settled})
                 if args.busy:
+                    settled = http_load.wait_quiet(pids)
                     with http_load.busy_core(args.busy_core):
-                        cell["busy"].append(measure_once(s, clients, args, f"{tag}b"))
+                        cell["busy"].append({**measure_once(s, clients, args, f"{tag}b"), "settled_s": settled})
                 print(f"  round {round_index + 1}/{args.rounds} {clients:>2} clients {s.key}: "
                       f"{describe(cell)}", flush=True)
     return {key: {c: combine(cell) for c, cell in levels_.items()} for key, levels_ in runs.items()}
