@@ -8,11 +8,15 @@ bf16 vs float32; 30 layers deep (SmolLM2-135M) it does not (see the README), whi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
 
+from gymnb.bench.http_load import busy_core
 from gymnb.core.models import load_model
 from gymnb.policy.cpu_threads import (
     ThreadBudget,
@@ -115,8 +119,6 @@ def test_thread_budget_resizes_only_the_calling_thread():
 def test_a_trainers_team_gives_a_busy_core_back_from_its_first_op_and_is_restored_after():
     """Layer 05 and the GRPO step start computing at once: the team is sized from a reading taken on entry,
     with a real CPU-bound process on one core, not after the first interval."""
-    from gymnb.bench.http_load import busy_core
-
     caller_threads = torch.get_num_threads()
     cpus = usable_cpus()
     try:
@@ -126,6 +128,34 @@ def test_a_trainers_team_gives_a_busy_core_back_from_its_first_op_and_is_restore
         assert team.others_cpus >= 0.7  # the neighbour's core, seen in the first 0.1 s
         assert sizes[0] == sizes[1] <= max(cpus - 1, 1)
         assert torch.get_num_threads() == cpus  # the caller's own size, restored
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+BURN_FOR_1_5_S = """
+import time
+start = time.monotonic()
+while time.monotonic() - start < 1.5:
+    pass
+"""
+
+
+def test_after_an_idle_gap_the_team_follows_what_others_use_now_not_during_the_gap():
+    """An idle server's first reading would span the gap; a neighbour that computed then and stopped (the
+    previous server of a benchmark) must not take a core from the first step after it."""
+    cpus = usable_cpus()
+    if cpus < 2:
+        pytest.skip("needs two CPUs: one for the neighbour, one left")  # CI and dev machines have 2
+    caller_threads = torch.get_num_threads()
+    try:
+        budget = ThreadBudget(max_threads=2, interval=0.2)
+        assert budget.adjust() == 2
+        neighbour = subprocess.Popen([sys.executable, "-c", BURN_FOR_1_5_S])
+        neighbour.wait()  # it used a whole core for 1.5 s (over 2 intervals), then ended
+        assert budget.adjust() == 2 and budget.others_cpus < 0.3
+        with busy_core(0):  # and a neighbour that is there now still takes its core
+            time.sleep(1.0)
+            assert budget.adjust() == 1 and budget.others_cpus >= 0.7
     finally:
         torch.set_num_threads(caller_threads)
 
