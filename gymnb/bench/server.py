@@ -136,11 +136,12 @@ def start_all(servers: list[Served], args) -> None:
         s.skipped = http_load.wait_ready(s.proc, s.url + s.ready_path, out_dir / f"{s.name}-{s.dtype}.log",
                                          deadline)
         if s.skipped is None:
-            # The first passes of a batch size are slow (allocation, kernel selection, packing): each server
-            # is warmed up at the most clients measured, or its first round pays them (gymnb bf16, 16 clients:
-            # 265 tokens/s in round 1 after a 2-client warm-up, 330 in round 2; alone, warm, 345-363).
+            # A server's first minutes are slow (allocation, kernel selection, packing): each server runs one
+            # unmeasured round at the most clients measured, or its first round pays them (gymnb bf16, 16
+            # clients: 242-265 tokens/s in round 1 after a short warm-up, 309-330 in round 2 in three runs).
             try:
-                http_load.measure_level(s.url, s.model, s.proc.pid, warm_clients, 1, 8, s.extra, tag="warm-up")
+                http_load.measure_level(s.url, s.model, s.proc.pid, warm_clients, args.requests_per_client,
+                                        args.max_tokens, s.extra, tag="warm-up")
             except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:
                 s.skipped = f"warm-up request failed: {type(exc).__name__}: {exc}"[:500]
         if s.skipped is not None:
