@@ -104,3 +104,17 @@ def test_a_measurement_waits_for_a_server_that_computes_on_after_its_load(tmp_pa
     finally:
         burner.kill()
         burner.wait()
+
+
+def test_bench_logprobs_pairs_a_served_float32_engine_with_the_trainer(tiny_model_dir, tmp_path, capsys):
+    """`gymnb bench logprobs` end to end with gymnb's server alone: a float32 engine is on-policy for a float32
+    trainer (the same weights; only float32 rounding between the two evaluation orders)."""
+    out = tmp_path / "logprobs.json"
+    argv = ["logprobs", "--model", str(tiny_model_dir), "--engines", "gymnb:float32", "--prompts", "3",
+            "--max-tokens", "6", "--out", str(out)]
+    assert bench.main(argv) == 0
+    pairs = json.loads(out.read_text())["pairs"]["gymnb:float32"]
+    exact = pairs["trainer float32"]
+    assert exact["num_tokens"] == 3 * 6
+    assert abs(exact["token_mult_prob_error"] - 1.0) < 1e-3
+    assert pairs["trainer bfloat16"]["num_tokens"] == 3 * 6

@@ -118,9 +118,9 @@ def transformers_server(args, dtype: str, model_dir: Path) -> Served:
     return Served("transformers", dtype, cmd, port, str(model_dir), ready_path="/health")
 
 
-def start_all(servers: list[Served], args) -> None:
-    """Start every runnable server at once (vLLM takes minutes), wait for each, warm it up."""
-    warm_clients = max(int(c) for c in args.concurrency.split(","))
+def start_all(servers: list[Served], args, *, warm_up: tuple[int, int, int] = (2, 1, 8)) -> None:
+    """Start every runnable server at once (vLLM takes minutes), wait for each, warm it up with `warm_up`
+    (clients, requests per client, max tokens)."""
     out_dir = Path(args.out).parent
     for s in servers:
         if s.cmd is None:
@@ -136,12 +136,8 @@ def start_all(servers: list[Served], args) -> None:
         s.skipped = http_load.wait_ready(s.proc, s.url + s.ready_path, out_dir / f"{s.name}-{s.dtype}.log",
                                          deadline)
         if s.skipped is None:
-            # A server's first minutes are slow (allocation, kernel selection, packing): each server runs one
-            # unmeasured round at the most clients measured, or its first round pays them (gymnb bf16, 16
-            # clients: 242-265 tokens/s in round 1 after a short warm-up, 309-330 in round 2 in three runs).
-            try:
-                http_load.measure_level(s.url, s.model, s.proc.pid, warm_clients, args.requests_per_client,
-                                        args.max_tokens, s.extra, tag="warm-up")
+            try:  # the first forward passes are slow (allocation, kernel selection, packing)
+                http_load.measure_level(s.url, s.model, s.proc.pid, *warm_up, s.extra, tag="warm-up")
             except (aiohttp.ClientError, RuntimeError, KeyError, TimeoutError) as exc:
                 s.skipped = f"warm-up request failed: {type(exc).__name__}: {exc}"[:500]
         if s.skipped is not None:
@@ -237,7 +233,9 @@ def bench_dtype(args, dtype: str, levels: list[int], model_dir: Path) -> dict:
     servers += [transformers_server(args, dtype, model_dir)] if args.peer else []
     print(f"{dtype}: starting {', '.join(s.name for s in servers if s.cmd)}", flush=True)
     try:
-        start_all(servers, args)
+        # One unmeasured round at the most clients, or each server's first round pays its first passes
+        # (gymnb bf16, 16 clients: 242-265 tokens/s in round 1 after a 2-client warm-up, 309-330 in round 2).
+        start_all(servers, args, warm_up=(max(levels), args.requests_per_client, args.max_tokens))
         measured = measure_alternating(servers, levels, args)
     finally:
         for s in servers:
