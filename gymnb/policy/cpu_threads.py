@@ -10,8 +10,8 @@ that is not running; on that machine, one thread with one core busy keeps most o
 
 So the engine's worker thread calls `adjust()` before every step. At most once a `interval` it reads the
 machine's busy CPU time (/proc/stat) less this process's own (/proc/self/stat): the CPUs other processes
-used meanwhile (after an idle gap, over a fresh 0.1 s instead: see STALE_INTERVALS). The team is then the CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are
-per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
+used meanwhile (after an idle gap, over a fresh 0.1 s instead: see STALE_INTERVALS). The team is then the
+CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
 Off Linux (no /proc) the team stays at `max_threads`.
 
 One team per process. Each thread that starts a torch parallel op gets its own OpenMP team (libgomp keeps a
@@ -38,12 +38,14 @@ import torch
 # How much of a core others may use before the team gives that core up: a light neighbour (an HTTP client,
 # a logger) costs a fixed team little, a CPU-bound one costs it almost everything (see the module docstring).
 SPARE_CORE_SLACK = 0.3
-# A reading spanning more than this many intervals covers a gap in which the caller did not step (an idle
-# server). It says what others did then: in `gymnb bench server`, another server's whole measurement (others
-# 1.1-1.8 CPUs over 37-66 s), and the team started each of gymnb's measurements on one thread for its first
-# second. Such a reading is replaced by a fresh one (`settle`, 0.1 s: the first step after an idle gap waits
-# that long).
+# A reading spanning more than this many intervals in which this process used under IDLE_CPUS covers a gap in
+# which it did not compute (an idle server). It says what others did then: in `gymnb bench server`, another
+# server's whole measurement (others 1.1-1.8 CPUs over 37-66 s), and the team started each of gymnb's
+# measurements on one thread for its first second. Such a reading is replaced by a fresh one (`settle`, 0.1 s:
+# the first step after an idle gap waits that long). A long span in which the caller computed (a trainer's
+# micro-batch) is a reading like any other: what others took while it ran.
 STALE_INTERVALS = 2
+IDLE_CPUS = 0.5
 
 
 def usable_cpus() -> int:
@@ -99,7 +101,8 @@ class ThreadBudget:
         if now is None or self._last is None or (now[0] - self._last[0] < self.interval and not due):
             return self.threads
         seconds = now[0] - self._last[0]
-        if seconds > STALE_INTERVALS * self.interval:
+        own_cpus = (now[2] - self._last[2]) / self._hz / seconds
+        if seconds > STALE_INTERVALS * self.interval and own_cpus < IDLE_CPUS:
             return self.settle()  # the reading would average the idle gap: what others did then, not now
         others_ticks = (now[1] - self._last[1]) - (now[2] - self._last[2])
         self._last = now
