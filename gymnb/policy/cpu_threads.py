@@ -11,7 +11,8 @@ that is not running; on that machine, one thread with one core busy keeps most o
 So the engine's worker thread calls `adjust()` before every step. At most once a `interval` it reads the
 machine's busy CPU time (/proc/stat) less this process's own (/proc/self/stat): the CPUs other processes
 used meanwhile (after an idle gap, over a fresh 0.1 s instead: see STALE_INTERVALS). The team is then the
-CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are per calling thread, so this resizes the engine's own ops; a trainer thread that set its own size keeps it.
+CPUs left (at least 1, at most `max_threads`). OpenMP team sizes are per calling thread, so this resizes the
+engine's own ops; a trainer thread that set its own size keeps it.
 Off Linux (no /proc) the team stays at `max_threads`.
 
 One team per process. Each thread that starts a torch parallel op gets its own OpenMP team (libgomp keeps a

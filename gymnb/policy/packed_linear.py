@@ -59,11 +59,17 @@ def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
     if self.weight._version != self.packed_version:  # changed in place (an optimizer step, load_state_dict)
         _pack(self, self.compute_dtype)
-    if self.compute_dtype == x.dtype:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [None], "")
-    out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype), self.packed_weight, self.packed_bias,
-                                             "none", [None], "")
-    return out.to(x.dtype)  # one rounding of the float32 accumulation, as the bf16 kernel does
+    return _packed_matmul(x, self.packed_weight, self.packed_bias, self.compute_dtype)
+
+
+def _packed_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   compute_dtype: torch.dtype) -> torch.Tensor:
+    """x @ weight.T + bias on a weight packed for `compute_dtype`; bf16 inputs on float32 units go up exactly
+    and the output is rounded to bf16 once, as the bf16 kernel does (module docstring)."""
+    if compute_dtype == x.dtype:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    out = torch.ops.mkldnn._linear_pointwise(x.to(compute_dtype), weight, bias, "none", [None], "")
+    return out.to(x.dtype)
 
 
 def _pack(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
@@ -160,11 +166,7 @@ class PackedGroup:
         key = [(id(lin.weight), lin.weight._version, lin.compute_dtype) for lin in self.linears]
         if key != self._key:
             self._pack(key)
-        if self.compute_dtype == x.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
-        out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype), self.weight, self.bias,
-                                                 "none", [None], "")
-        return out.to(x.dtype)  # one rounding, as each member's packed forward does
+        return _packed_matmul(x, self.weight, self.bias, self.compute_dtype)
 
     def _pack(self, key: list) -> None:
         compute_dtypes = {lin.compute_dtype for lin in self.linears}
