@@ -101,11 +101,10 @@ class ThreadBudget:
         now = read_cpu_ticks()
         if now is None or self._last is None or (now[0] - self._last[0] < self.interval and not due):
             return self.threads
-        seconds = now[0] - self._last[0]
-        own_cpus = (now[2] - self._last[2]) / self._hz / seconds
-        if seconds > STALE_INTERVALS * self.interval and own_cpus < IDLE_CPUS:
+        seconds, own_ticks = now[0] - self._last[0], now[2] - self._last[2]
+        if seconds > STALE_INTERVALS * self.interval and own_ticks / self._hz / seconds < IDLE_CPUS:
             return self.settle()  # the reading would average the idle gap: what others did then, not now
-        others_ticks = (now[1] - self._last[1]) - (now[2] - self._last[2])
+        others_ticks = (now[1] - self._last[1]) - own_ticks
         self._last = now
         self.others_cpus = max(others_ticks, 0) / self._hz / seconds
         self._set(threads_for(self.others_cpus, self.cpus, self.max_threads))
