@@ -355,10 +355,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from gymnb.core.models import resolve_model_path
+    from gymnb.policy.cpu_memory import keep_freed_memory
     from gymnb.policy.cpu_threads import single_team_for_engine
 
-    # The in-process engine below is measured as `gymnb serve` runs it: this process's own torch ops (the
-    # model conversion, the loads) stay on one thread, so the engine's worker holds the only OpenMP team.
+    # The in-process engine below is measured as `gymnb serve` runs it: freed memory kept for reuse, and this
+    # process's own torch ops (the model conversion, the loads) on one thread, so the engine's worker holds
+    # the only OpenMP team.
+    keep_freed_memory()
     args.engine_threads = single_team_for_engine(args.threads)
     model_dir = Path(str(resolve_model_path(args.model)[0]))
     result = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,

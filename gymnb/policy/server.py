@@ -53,6 +53,7 @@ from gymnb.policy.chat import (
     parse_messages,
     parse_tools,
 )
+from gymnb.policy.cpu_memory import keep_freed_memory
 from gymnb.policy.cpu_threads import single_team_for_engine
 from gymnb.policy.engine import GenerationEngine
 from gymnb.policy.splice import build_prompt_ids, check_token_ids, render_ids
@@ -361,6 +362,7 @@ def main(argv: list[str]) -> int:
                         help="FAULT for demos and conformance tests (see gymnb.policy.server.FAULTS)")
     args = parser.parse_args(argv)
     check_port_free(args.host, args.port)  # before the model load, which takes seconds to minutes
+    keep_freed_memory()  # before any thread allocates: one heap, kept (gymnb.policy.cpu_memory)
     threads = single_team_for_engine(args.threads)  # this process only serves: one OpenMP team, the engine's
     api_key = read_api_key(args.api_key, args.api_key_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
