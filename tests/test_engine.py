@@ -208,3 +208,32 @@ def test_prefix_cache_supersedes_and_evicts():
     assert cache.lookup([7, 8])[0] == 0 and cache.lookup([1, 2, 3])[0] == 3 and cache.lookup([20])[0] == 1
     cache.clear()
     assert len(cache) == 0 and cache.num_bytes == 0
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_prefix_cache_lookup_is_the_longest_prefix_over_all_entries(block):
+    """The block index finds what a scan of every entry finds, through stores, supersessions and evictions."""
+    import random
+
+    from gymnb.policy.prefix_cache import PrefixCache
+
+    rng = random.Random(block)
+    stems = [[rng.randrange(50) for _ in range(rng.randrange(0, 40))] for _ in range(6)]  # shared openings
+
+    def sequence():
+        return rng.choice(stems) + [rng.randrange(3) for _ in range(rng.randrange(1, 30))]
+
+    cache = PrefixCache(max_bytes=8 * 600, block=block)  # room for about 600 tokens: evictions happen
+    for _ in range(400):
+        ids = sequence()
+        cache.store(ids, [torch.zeros(1, len(ids), 1)], [torch.zeros(1, len(ids), 1)])
+        prompt = sequence()
+        stored = [list(entry.ids) for entry in cache._entries.values()]
+        expected = max((next((i for i, (a, b) in enumerate(zip(s, prompt)) if a != b), min(len(s), len(prompt)))
+                        for s in stored), default=0)
+        found, entry = cache.lookup(prompt)
+        assert found == expected
+        assert found == 0 or list(entry.ids[:found]) == prompt[:found]
+    assert not any(list(a.ids) == list(b.ids)[:len(a.ids)] for a in cache._entries.values()
+                   for b in cache._entries.values() if a is not b)  # no entry is a prefix of another
+
