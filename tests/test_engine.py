@@ -237,3 +237,14 @@ def test_prefix_cache_lookup_is_the_longest_prefix_over_all_entries(block):
     assert not any(list(a.ids) == list(b.ids)[:len(a.ids)] for a in cache._entries.values()
                    for b in cache._entries.values() if a is not b)  # no entry is a prefix of another
 
+
+
+def test_sampling_probabilities_are_exp_of_log_probs_with_negligible_ones_zero():
+    from gymnb.policy.engine import NEGLIGIBLE_LOG_PROB, probs_of
+
+    logprobs = torch.log_softmax(torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 40, dim=-1)
+    kept = logprobs >= NEGLIGIBLE_LOG_PROB
+    assert kept.any() and not kept.all()
+    probs = probs_of(logprobs)
+    assert torch.equal(probs[kept], logprobs[kept].exp()) and not probs[~kept].any()
+    assert torch.equal(probs_of(logprobs[:, :1] * 0), torch.ones(4, 1))  # nothing negligible: plain exp
